@@ -1,0 +1,25 @@
+"""Distillation losses, pure torch, built by name.
+
+Every loss is an ``nn.Module`` with ``forward(student, teacher, *, return_parts=False, **context)``
+returning a scalar tensor, or ``(loss, {part_name: scalar tensor})`` with ``return_parts=True``.
+``context`` may carry ``target`` (N,) or (N, d1, ..., dk), ``mask`` (bool, same shape as target)
+and ``epoch`` (int); a loss ignores what it does not use.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distkd.registry import Registry
+
+LOSSES: Registry[nn.Module] = Registry("loss")
+
+
+def build_loss(name: str, **kwargs: object) -> nn.Module:
+    """Build a registered loss, e.g. ``build_loss("dist", beta=2, gamma=2, tau=4)``."""
+    return LOSSES.build(name, **kwargs)
+
+
+def list_losses() -> list[str]:
+    """The names ``build_loss`` accepts."""
+    return LOSSES.names()
