@@ -6,24 +6,18 @@ train 7,000 / val 1,000 / test 2,000 (700 / 100 / 200 per class), drawn with a s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
 import torch
+
+from distkd.data.base import InMemoryData, Split
 
 CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 SPLIT_SIZES = {"train": 700, "val": 100, "test": 200}  # per class
 SPLIT_SEED = 20221128  # fixed forever: changing it changes every published demo number
 MEAN, STD = (0.2723,), (0.4055,)  # of the train split, [0, 1] scale
 
-
-@dataclass(frozen=True)
-class Split:
-    """One split: ``images`` uint8 (N, 1, 28, 28), ``labels`` int64 (N,)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
 
 
 def load_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -47,10 +41,11 @@ def split_indices() -> dict[str, np.ndarray]:
     return {name: np.sort(np.concatenate(idx)) for name, idx in parts.items()}
 
 
-def load_silhouettes() -> dict[str, Split]:
-    """The three splits as tensors: ``{"train": Split, "val": Split, "test": Split}``."""
+def load_silhouettes() -> InMemoryData:
+    """The fixed train/val/test splits, images uint8 (N, 1, 28, 28)."""
     images, labels = load_arrays()
-    out = {}
-    for name, idx in split_indices().items():
-        out[name] = Split(torch.from_numpy(images[idx]).unsqueeze(1).contiguous(), torch.from_numpy(labels[idx]))
-    return out
+    splits = {
+        name: Split(torch.from_numpy(images[idx]).unsqueeze(1).contiguous(), torch.from_numpy(labels[idx]))
+        for name, idx in split_indices().items()
+    }
+    return InMemoryData(**splits, num_classes=len(CLASSES), mean=MEAN, std=STD)
