@@ -23,3 +23,8 @@ def build_loss(name: str, **kwargs: object) -> nn.Module:
 def list_losses() -> list[str]:
     """The names ``build_loss`` accepts."""
     return LOSSES.names()
+
+
+from distkd.losses.dist import DIST  # noqa: E402  (registers "dist")
+
+__all__ = ["DIST", "LOSSES", "build_loss", "list_losses"]

@@ -1,0 +1,192 @@
+"""DIST against a float64 loop re-computation, gradients, degenerate inputs and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from losses_reference import dist_loss, dist_terms
+
+from distkd.errors import ConfigError, ShapeError, UnknownNameError
+from distkd.losses import DIST, build_loss, list_losses
+
+SHAPES = [(6, 5), (3, 4, 5), (2, 3, 4, 5)]
+
+
+def logits(shape, seed, scale=3.0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=generator)).to(dtype)
+
+
+def random_mask(shape, seed):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand((shape[0], *shape[2:]), generator=generator) > 0.4
+    mask.view(-1)[:2] = True
+    return mask
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"tau": 4.0, "beta": 2.0, "gamma": 0.5},
+        {"tau": 2.0, "tau_squared": False},
+        {"activation": "sigmoid", "tau": 1.5},
+    ],
+)
+def test_dist_matches_loop_reference(shape, masked, kwargs):
+    student, teacher = logits(shape, 0), logits(shape, 1)
+    mask = random_mask(shape, 2) if masked else None
+    loss, parts = DIST(**kwargs)(student, teacher, mask=mask, return_parts=True)
+    expected = dist_loss(student, teacher, mask=mask, **kwargs)
+    inter, intra = dist_terms(
+        student, teacher, tau=kwargs.get("tau", 1.0), activation=kwargs.get("activation", "softmax"), mask=mask
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert parts["inter"].item() == pytest.approx(inter, rel=1e-10, abs=1e-12)
+    assert parts["intra"].item() == pytest.approx(intra, rel=1e-10, abs=1e-12)
+
+
+def test_dist_float32_matches_reference():
+    student, teacher = logits((32, 10), 3, dtype=torch.float32), logits((32, 10), 4, dtype=torch.float32)
+    loss = DIST(tau=4.0)(student, teacher)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(dist_loss(student, teacher, tau=4.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (2, 3, 2, 3)])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_dist_gradcheck(shape, activation):
+    student = logits(shape, 5).requires_grad_()
+    teacher = logits(shape, 6)
+    mask = random_mask(shape, 7) if len(shape) > 2 else None
+    loss = DIST(tau=2.0, gamma=1.5, activation=activation)
+    assert torch.autograd.gradcheck(lambda s: loss(s, teacher, mask=mask), (student,))
+
+
+def test_teacher_receives_no_gradient():
+    student = logits((4, 5), 8).requires_grad_()
+    teacher = logits((4, 5), 9).requires_grad_()
+    DIST()(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(dtype):
+    student = logits((16, 7), 10, dtype=dtype).requires_grad_()
+    teacher = logits((16, 7), 11, dtype=dtype)
+    loss = DIST(tau=2.0)(student, teacher)
+    assert loss.dtype == torch.float32
+    expected = DIST(tau=2.0)(student.detach().float(), teacher.float())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert student.grad.dtype == dtype and torch.isfinite(student.grad.float()).all()
+
+
+def finite_loss_and_grad(student, teacher, **kwargs):
+    student = student.clone().requires_grad_()
+    loss, parts = DIST(**kwargs)(student, teacher, return_parts=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    return loss, parts, student.grad
+
+
+def test_one_instance_gives_intra_of_exactly_one():
+    student, teacher = logits((1, 6), 12), logits((1, 6), 13)
+    _, parts, _ = finite_loss_and_grad(student, teacher)
+    assert parts["intra"].item() == 1.0
+    assert parts["inter"].item() == pytest.approx(dist_terms(student, teacher)[0], rel=1e-10)
+
+
+def test_identical_rows_and_constant_columns_are_finite():
+    row = logits((1, 6), 14)
+    loss, parts, _ = finite_loss_and_grad(row.repeat(5, 1), logits((5, 6), 15))
+    assert parts["intra"].item() == pytest.approx(dist_terms(row.repeat(5, 1), logits((5, 6), 15))[1])
+    uniform = torch.zeros(5, 6, dtype=torch.float64)
+    loss, parts, _ = finite_loss_and_grad(uniform, uniform, activation="sigmoid")
+    assert parts["inter"].item() == 1.0 and parts["intra"].item() == 1.0
+
+
+def test_mask_keeping_nothing_gives_zero_loss_and_zero_gradient():
+    shape = (2, 3, 4, 4)
+    student = logits(shape, 16).requires_grad_()
+    loss, parts = DIST(tau=2.0)(
+        student, logits(shape, 17), mask=torch.zeros(2, 4, 4, dtype=torch.bool), return_parts=True
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and parts["inter"].item() == 0.0 and parts["intra"].item() == 0.0
+    assert torch.count_nonzero(student.grad) == 0
+
+
+def test_nonfinite_values_at_masked_positions_do_not_leak():
+    shape = (2, 3, 4)
+    mask = random_mask(shape, 18)
+    student = logits(shape, 19)
+    student[:, :, ~mask.any(0)] = float("nan")
+    student = student.masked_fill(~mask[:, None], float("inf")).requires_grad_()
+    teacher = logits(shape, 20).masked_fill(~mask[:, None], float("nan"))
+    loss = DIST()(student, teacher, mask=mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(dist_loss(student, teacher, mask=mask), rel=1e-10)
+    assert torch.isfinite(student.grad).all()
+    assert torch.count_nonzero(student.grad[~mask[:, None].expand(shape)]) == 0
+
+
+def test_context_keys_it_does_not_use_are_ignored():
+    student, teacher = logits((4, 5), 21), logits((4, 5), 22)
+    plain = DIST()(student, teacher)
+    with_context = DIST()(student, teacher, target=torch.zeros(4, dtype=torch.long), epoch=3)
+    assert torch.equal(plain, with_context)
+
+
+def test_build_loss_by_name():
+    loss = build_loss("dist", tau=4, beta=2)
+    assert isinstance(loss, DIST) and loss.tau == 4.0 and loss.beta == 2.0 and loss.gamma == 1.0
+    assert "dist" in list_losses()
+
+
+def test_unknown_loss_name_lists_known_ones():
+    with pytest.raises(UnknownNameError, match="known: .*dist"):
+        build_loss("distt")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tau": 0}, "tau"),
+        ({"tau": -1.0}, "tau"),
+        ({"tau": float("nan")}, "tau"),
+        ({"beta": -1}, "beta"),
+        ({"gamma": "1"}, "gamma"),
+        ({"activation": "relu"}, "activation"),
+        ({"tau_squared": 1}, "tau_squared"),
+        ({"global_intra": "yes"}, "global_intra"),
+    ],
+)
+def test_invalid_configuration_raises_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DIST(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "student_shape, teacher_shape, mask_shape, message",
+    [
+        ((4, 5), (4, 6), None, r"\(4, 5\).*\(4, 6\)"),
+        ((4, 1), (4, 1), None, "C >= 2"),
+        ((4,), (4,), None, "at least 2 dims"),
+        ((2, 3, 4, 4), (2, 3, 4, 4), (2, 4, 5), r"mask has shape \(2, 4, 5\).*\(2, 4, 4\)"),
+        ((2, 3, 4, 4), (2, 3, 4, 4), (2, 3, 4, 4), r"mask has shape \(2, 3, 4, 4\)"),
+    ],
+)
+def test_bad_shapes_raise_shape_error_naming_them(student_shape, teacher_shape, mask_shape, message):
+    mask = None if mask_shape is None else torch.ones(mask_shape, dtype=torch.bool)
+    with pytest.raises(ShapeError, match=message):
+        DIST()(torch.zeros(student_shape), torch.zeros(teacher_shape), mask=mask)
+    assert issubclass(ShapeError, ValueError)
+
+
+def test_non_bool_mask_is_rejected():
+    with pytest.raises(ShapeError, match="bool"):
+        DIST()(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), mask=torch.ones(2, 4))
