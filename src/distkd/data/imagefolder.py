@@ -1,0 +1,255 @@
+"""ImageNet and any dataset in ImageFolder layout, read from files and augmented on CPU workers.
+
+Layout::
+
+    <root>/train/<class>/<image>      (any extension torchvision's ImageFolder reads: .jpg, .png, ...)
+    <root>/val/<class>/<image>        (the same class folders)
+
+Class ids follow the sorted class-folder names of ``train/``. Images are decoded as RGB and go through
+the preset's pipelines (:mod:`distkd.data.presets`): random ones for ``train``, the resize + center
+crop for ``val``/``test``. :class:`FileLoader` batches them with the same protocol as the in-memory
+``TensorLoader``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torchvision.datasets import ImageFolder
+
+from distkd.data.cifar import stratified_holdout
+from distkd.data.loaders import derive_seed
+from distkd.data.presets import MixupSpec, Preset, Transform, get_preset
+from distkd.errors import ConfigError, DataError
+
+LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
+
+
+class ImageSubset(Dataset[tuple[Tensor, int]]):
+    """Items ``indices`` (all if None) of a scanned ImageFolder, each passed through ``transform``.
+
+    ``dataset[i]`` is ``(image float (3, H, W), label int)``; ``targets`` lists the labels in order.
+    """
+
+    def __init__(self, folder: ImageFolder, indices: Sequence[int] | None, transform: Transform) -> None:
+        self.folder = folder
+        self.indices = list(range(len(folder))) if indices is None else [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.folder.samples[self.indices[i]]
+        return self.transform(self.folder.loader(path)), label
+
+    @property
+    def targets(self) -> list[int]:
+        return [self.folder.targets[i] for i in self.indices]
+
+
+@dataclass(frozen=True)
+class FileData:
+    """A file dataset split three ways, with what the loaders and the trainer need to know.
+
+    ``train``/``val``/``test`` yield ``(image float (3, S, S), label int)`` with ``S = image_size``.
+    ``test`` is always set: ``<root>/val`` when a validation split was held out of ``train/``, else the
+    very same object as ``val`` (``<root>/val``, the ImageNet convention). ``mean``/``std`` ([0, 1]
+    scale) are the ones the pipelines normalise with; ``preset.mixup`` says whether training batches
+    should be mixed (give it to :class:`FileLoader`).
+    """
+
+    train: ImageSubset
+    val: ImageSubset
+    test: ImageSubset
+    num_classes: int
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    preset: Preset
+
+
+def _scan(folder: Path) -> ImageFolder:
+    try:
+        return ImageFolder(str(folder))
+    except FileNotFoundError as err:
+        message = " ".join(str(err).split())
+        raise DataError(
+            f"{folder}: {message}; every class needs a folder with at least one image ({LAYOUT})"
+        ) from err
+
+
+def load_imagefolder(
+    root: str, *, preset: str = "b1", image_size: int = 224, val_size: int = 0, seed: int = 0
+) -> FileData:
+    """Scan ``<root>/train`` and ``<root>/val`` and pair them with the pipelines of ``preset``.
+
+    * ``val_size = 0``: ``val`` is ``<root>/val`` and ``test`` is that same dataset (best-on-val
+      checkpoints are then selected on the reported set, as ImageNet papers do).
+    * ``val_size > 0``: ``val_size`` images of ``train/`` (stratified by class, drawn with ``seed``)
+      form ``val`` with the eval pipeline; ``train`` is the rest; ``test`` is ``<root>/val``.
+
+    Normalisation uses the ImageNet mean/std. Unknown preset -> UnknownNameError; missing ``train/``
+    or ``val/``, class folders without images, or different classes in the two -> DataError.
+    """
+    spec = get_preset(preset)
+    if image_size < 1:
+        raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    base = Path(root).expanduser()
+    for part in ("train", "val"):
+        if not (base / part).is_dir():
+            raise DataError(f"{base / part} is not a folder; expected the ImageFolder layout {LAYOUT}")
+    train_folder, val_folder = _scan(base / "train"), _scan(base / "val")
+    if val_folder.classes != train_folder.classes:
+        only_train = sorted(set(train_folder.classes) - set(val_folder.classes))
+        only_val = sorted(set(val_folder.classes) - set(train_folder.classes))
+        raise DataError(
+            f"{base}: train/ and val/ must have the same class folders; only in train/: {only_train[:5]}, "
+            f"only in val/: {only_val[:5]}"
+        )
+    mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    train_tf = spec.train_transform(image_size, mean, std)
+    eval_tf = spec.eval_transform(image_size, mean, std)
+    official_val = ImageSubset(val_folder, None, eval_tf)
+    if val_size > 0:
+        keep, held = stratified_holdout(torch.tensor(train_folder.targets), val_size, seed)
+        train = ImageSubset(train_folder, keep.tolist(), train_tf)
+        val, test = ImageSubset(train_folder, held.tolist(), eval_tf), official_val
+    else:
+        train = ImageSubset(train_folder, None, train_tf)
+        val = test = official_val
+    return FileData(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=len(train_folder.classes),
+        classes=tuple(train_folder.classes),
+        mean=mean,
+        std=std,
+        preset=spec,
+    )
+
+
+class MixCollate:
+    """Collates ``(image, label)`` items, then mixes the batch: ``(x (B, C, H, W), y float (B, K))``.
+
+    Runs inside the loader's worker processes, so timm's ``Mixup`` draws from their seeded RNGs.
+    """
+
+    def __init__(self, spec: MixupSpec, num_classes: int) -> None:
+        self.mixup = spec.build(num_classes)
+
+    def __call__(self, items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+        x, y = default_collate(items)
+        return self.mixup(x, y)
+
+
+class FileLoader:
+    """Batches of a file dataset, decoded and augmented by worker processes, moved to ``device``.
+
+    Yields ``(x, y)``: ``x`` float (B, C, H, W) as the dataset's pipeline produced it (normalised);
+    ``y`` int64 (B,) labels, or with ``mixup`` soft targets float (B, num_classes) whose rows sum to 1
+    (``torch.nn.functional.cross_entropy`` accepts such probabilities as its target).
+
+    Sampling is ``torch.utils.data.DistributedSampler``'s: the order is a permutation seeded by
+    ``seed + epoch`` (shared by all ranks), each rank takes a strided shard, padded by repetition to
+    divide evenly (trimmed instead with ``drop_last``). Each epoch's workers get seeds drawn from a
+    generator seeded by ``(seed, epoch, rank)``, so with ``num_workers >= 1`` the augmentations and the
+    mixing of an epoch are reproducible for a given ``num_workers``; with ``num_workers = 0`` they draw
+    from the main process's global RNGs instead (only the order is then seeded).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 4,
+        mixup: MixupSpec | None = None,
+        num_classes: int | None = None,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(
+                f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        self.collate: Callable[[list[tuple[Tensor, int]]], tuple[Tensor, Tensor]] = default_collate
+        if mixup is not None:
+            if num_classes is None:
+                raise ConfigError("mixup/cutmix needs num_classes to build soft targets; pass num_classes=")
+            if batch_size % 2 or not drop_last:
+                raise ConfigError(
+                    f"mixup/cutmix pairs each batch with its reverse and needs even batches: use an even "
+                    f"batch_size (got {batch_size}) and drop_last=True (got {drop_last})"
+                )
+            self.collate = MixCollate(mixup, num_classes)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.num_workers = num_workers
+        self.device = device
+        self.channels_last = channels_last
+        self.epoch = 0
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        if len(self) == 0:
+            raise DataError(
+                f"rank {rank} of {world_size} gets {self.num_samples} of {len(dataset)} samples, not one full "
+                f"batch of {batch_size} with drop_last=True; lower batch_size or set drop_last=False"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration yields."""
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        return len(self.sampler)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=self.drop_last,
+            generator=generator,
+        )
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+            yield x, y.to(self.device, non_blocking=True)
