@@ -25,6 +25,9 @@ def list_losses() -> list[str]:
     return LOSSES.names()
 
 
-from distkd.losses.dist import DIST  # noqa: E402  (registers "dist")
+# Importing the loss modules registers them (they import LOSSES from here).
+from distkd.losses.dist import DIST  # noqa: E402
+from distkd.losses.dkd import DKD  # noqa: E402
+from distkd.losses.kd import KD  # noqa: E402
 
-__all__ = ["DIST", "LOSSES", "build_loss", "list_losses"]
+__all__ = ["DIST", "DKD", "KD", "LOSSES", "build_loss", "list_losses"]
