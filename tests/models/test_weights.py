@@ -102,6 +102,11 @@ def test_missing_file_says_so(tmp_path: Path) -> None:
         load_weights(small_net(), tmp_path / "nope.pth")
 
 
+def test_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="is a directory; point to the checkpoint file inside it"):
+        load_weights(small_net(), tmp_path)
+
+
 def test_unreadable_file_says_how_to_resave(tmp_path: Path) -> None:
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"this is not a torch file")

@@ -2,7 +2,8 @@
 
 Names: ``small_*`` (demo nets for small images), ``cifar_*`` (the CIFAR-100 benchmark zoo, with the
 module names and state_dict keys of the CRD/RepDistiller definitions), ``mobilenetv1`` (ImageNet
-MobileNet-V1), ``timm_<name>`` (any timm model) and ``tv_<name>`` (any torchvision classification model).
+MobileNet-V1), ``seg_*``/``tvseg_*`` (segmentation nets), ``timm_<name>`` (any timm model) and
+``tv_<name>`` (any torchvision classification model).
 """
 
 from __future__ import annotations
@@ -56,4 +57,4 @@ def list_models() -> list[str]:
 
 def _register_all() -> None:
     """Import the model families so their ``@MODELS.register`` decorators run (idempotent)."""
-    from distkd.models import cifar, mobilenet_v1, small  # noqa: F401
+    from distkd.models import cifar, mobilenet_v1, segmentation, small  # noqa: F401

@@ -91,6 +91,8 @@ def weights_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def _read(path: Path) -> object:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a directory; point to the checkpoint file inside it")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint '{path}' does not exist; check the path (or download the weights there first)"
