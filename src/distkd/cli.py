@@ -1,0 +1,118 @@
+"""The ``distkd`` command line: train, eval, demo, models, configs.
+
+Errors distkd raises on purpose are printed as one line (``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from distkd.errors import DistkdError
+
+
+def bundled_configs() -> list[str]:
+    """Paths (relative to the bundled ``configs`` folder) of every config shipped with distkd."""
+    root = resources.files("distkd").joinpath("configs")
+    found: list[str] = []
+
+    def walk(node, prefix: str) -> None:  # noqa: ANN001 - importlib Traversable
+        for child in sorted(node.iterdir(), key=lambda c: c.name):
+            if child.is_dir():
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".yaml") and not child.name.startswith("_"):
+                found.append(f"{prefix}{child.name}")
+
+    walk(root, "")
+    return found
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config given as a file path, or as a bundled name such as ``demo/teacher.yaml``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = resources.files("distkd").joinpath("configs", name)
+    return Path(str(bundled)) if bundled.is_file() else path
+
+
+def _train(args: argparse.Namespace) -> None:
+    from distkd.api import train
+    from distkd.config import load_config
+
+    summary = train(load_config(resolve_config_path(args.config), args.overrides), resume=args.resume)
+    print(json.dumps(summary, indent=2))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from distkd.api import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from distkd.demo import run_demo
+
+    run_demo(Path(args.out), seeds=args.seeds, quick=args.quick)
+
+
+def _models(args: argparse.Namespace) -> None:
+    from distkd.models import list_models
+
+    print("\n".join(list_models()))
+    print("timm_<name>   any timm model, e.g. timm_resnet18\ntv_<name>     any torchvision model, e.g. tv_resnet18")
+
+
+def _configs(args: argparse.Namespace) -> None:
+    print("\n".join(bundled_configs()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distkd", description="Knowledge distillation from a stronger teacher.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a teacher (no distillation terms) or a student (with a teacher)")
+    p.add_argument("config", help="YAML file, or a bundled name from `distkd configs`")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.05")
+    p.add_argument("--resume", action="store_true", help="continue the run's checkpoints/last.pt")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset")
+    p.add_argument("checkpoint")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("models", help="list the model names")
+    p.set_defaults(func=_models)
+    p = sub.add_parser("configs", help="list the bundled configs")
+    p.set_defaults(func=_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distkd.engine.cpu import tune_malloc
+
+    tune_malloc()
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DistkdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Run configuration: a typed schema, YAML files, dotted ``key=value`` overrides, one-line errors.
+
+A config file is YAML (read with a safe loader). ``base: other.yaml`` (relative to the file) merges the
+file over another. Overrides use dotted paths, list items by index: ``optim.lr=0.05``,
+``loss.distill.0.weight=2``, ``teacher=null``. Values are parsed as YAML scalars/lists.
+Every problem is a :class:`~distkd.errors.ConfigError` naming the key, e.g.
+``config: optim.lr: expected a number >= 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distkd.errors import ConfigError
+from distkd.registry import nearest
+
+
+def _check(minimum: float | None = None, maximum: float | None = None, exclusive_min: bool = False) -> dict:
+    return {"min": minimum, "max": maximum, "exclusive_min": exclusive_min}
+
+
+@dataclass
+class ModelConfig:
+    """A model by registry name; ``checkpoint`` loads its weights strictly (required for a teacher)."""
+
+    name: str = "small_cnn3_w4"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass
+class TermConfig:
+    """One distillation term: ``weight * build_loss(loss, **kwargs)(student[src], teacher[src])``.
+
+    ``student``/``teacher`` name what is compared: ``logits`` (the model output), a key of a dict output
+    (e.g. ``aux``), or a module path tapped by a forward hook (e.g. ``layer3``).
+    """
+
+    loss: str = "dist"
+    weight: float = field(default=1.0, metadata=_check(0))
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    student: str = "logits"
+    teacher: str = "logits"
+
+
+@dataclass
+class LossConfig:
+    """Total loss = ``ce_weight * CE(label_smoothing)`` + the sum of the distillation terms."""
+
+    ce_weight: float = field(default=1.0, metadata=_check(0))
+    label_smoothing: float = field(default=0.0, metadata=_check(0, 1))
+    distill: list[TermConfig] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """Dataset and loading. ``name``: silhouettes, cifar10, cifar100, imagefolder (see ``distkd.data``)."""
+
+    name: str = "silhouettes"
+    root: str | None = None
+    download: bool = False
+    val_size: int = field(default=0, metadata=_check(0))
+    batch_size: int = field(default=128, metadata=_check(1))
+    eval_batch_size: int = field(default=512, metadata=_check(1))
+    crop_padding: int = field(default=2, metadata=_check(0))
+    flip: bool = True
+    preset: str = "b1"
+    image_size: int = field(default=224, metadata=_check(1))
+    num_workers: int = field(default=4, metadata=_check(0))
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer: sgd (momentum, nesterov), adamw, rmsprop_tf (TF-style RMSprop, as in timm)."""
+
+    name: Literal["sgd", "adamw", "rmsprop_tf"] = "sgd"
+    lr: float = field(default=0.1, metadata=_check(0, exclusive_min=True))
+    momentum: float = field(default=0.9, metadata=_check(0, 1))
+    nesterov: bool = False
+    weight_decay: float = field(default=5e-4, metadata=_check(0))
+    no_decay_norm_bias: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = field(default=1e-8, metadata=_check(0, exclusive_min=True))
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped every iteration: multistep, step, cosine, constant (+ warm-up)."""
+
+    name: Literal["multistep", "step", "cosine", "constant"] = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    step_size: int = field(default=30, metadata=_check(1))
+    gamma: float = field(default=0.1, metadata=_check(0))
+    warmup_epochs: float = field(default=0.0, metadata=_check(0))
+    warmup_start: float = field(default=0.1, metadata=_check(0, 1))
+    min_lr: float = field(default=0.0, metadata=_check(0))
+
+
+@dataclass
+class TrainConfig:
+    """The loop's compute and bookkeeping settings."""
+
+    epochs: int = field(default=10, metadata=_check(1))
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = True
+    grad_clip: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
+    ema_decay: float | None = field(default=None, metadata=_check(0, 1))
+    threads: int | None = field(default=None, metadata=_check(1))
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``distkd train`` run needs. ``teacher`` is None when training a teacher/baseline."""
+
+    task: Literal["classification"] = "classification"
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read ``path`` (YAML, with ``base:`` inheritance), apply ``overrides``, validate into a RunConfig."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(RunConfig, raw)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data (what ``config.yaml`` in a run directory holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (list the bundled ones with `distkd configs`)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config: 'base' chain loops back to {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=0.05)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict | list):
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override: '{'.'.join(path)}' needs a list index below {len(node)}")
+    return int(part)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Validate plain ``data`` against dataclass ``cls`` recursively; raise ConfigError on the first problem."""
+    where = path or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {where}: expected a mapping, got {_show(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            hint = nearest(str(key), list(fields))
+            raise ConfigError(f"config: unknown key '{_join(path, key)}'{hint}; valid keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _coerce(hints[name], data[name], _join(path, name), f.metadata)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, path: str, meta: Any = None) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, meta) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config: {path}: expected one of {', '.join(map(str, args))}, got {_show(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {path}: expected a list, got {_show(value)}")
+        return [_coerce(args[0], v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {path}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {path}: expected true or false, got {_show(value)}")
+        return value
+    if tp in (int, float):
+        ok = isinstance(value, int) if tp is int else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok:
+            kind = "an integer" if tp is int else "a number"
+            raise ConfigError(f"config: {path}: expected {kind}, got {_show(value)}")
+        _check_range(tp(value), path, meta or {})
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {path}: expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _check_range(value: float, path: str, meta: dict) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("exclusive_min") and value == lo)):
+        bound = f"> {lo}" if meta.get("exclusive_min") else f">= {lo}"
+        raise ConfigError(f"config: {path}: expected a value {bound}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"config: {path}: expected a value <= {hi}, got {value}")
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"

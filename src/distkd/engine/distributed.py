@@ -1,0 +1,58 @@
+"""Process-group helpers: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a single process needs nothing."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def init_from_env(device_kind: str) -> torch.device:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU) and return this rank's device."""
+    cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around the student when several processes run; the model itself otherwise."""
+    if world_size() == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def mean(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Average each scalar tensor over all processes (identity for one process)."""
+    if world_size() == 1:
+        return values
+    keys = sorted(values)
+    stacked = torch.stack([values[k].float() for k in keys])
+    dist.all_reduce(stacked)
+    return dict(zip(keys, stacked / world_size(), strict=True))
+
+
+def sum_tensor(value: Tensor) -> Tensor:
+    """Sum a tensor over all processes, in place (identity for one process)."""
+    if world_size() > 1:
+        dist.all_reduce(value)
+    return value

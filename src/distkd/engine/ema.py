@@ -1,0 +1,24 @@
+"""Exponential moving average of a model's weights (evaluated and checkpointed with the run)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """``ema = decay * ema + (1 - decay) * weights`` after each step; buffers (BN stats) are copied."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.module.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1 - self.decay)
+        for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)

@@ -1,0 +1,62 @@
+"""Optimizers and learning-rate schedules built from the config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from timm.optim import RMSpropTF
+from torch import nn
+
+from distkd.config import OptimConfig, ScheduleConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
+    """One group, or two when norm weights and biases (every parameter with ndim <= 1) skip weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not no_decay_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return RMSpropTF(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps)
+
+
+def lr_factor(cfg: ScheduleConfig, base_lr: float, epochs: int) -> Callable[[float], float]:
+    """The multiplier of the base lr as a function of the (fractional) epoch."""
+
+    def main(epoch: float) -> float:
+        if cfg.name == "multistep":
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        if cfg.name == "step":
+            return cfg.gamma ** math.floor(epoch / cfg.step_size)
+        if cfg.name == "cosine":
+            span = max(epochs - cfg.warmup_epochs, 1e-8)
+            progress = min(max(epoch - cfg.warmup_epochs, 0.0) / span, 1.0)
+            floor = cfg.min_lr / base_lr
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    def factor(epoch: float) -> float:
+        if epoch < cfg.warmup_epochs:
+            return cfg.warmup_start + (1 - cfg.warmup_start) * epoch / cfg.warmup_epochs
+        return main(epoch)
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float, epochs: int, iters_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per iteration; milestones and warm-up are given in epochs."""
+    factor = lr_factor(cfg, base_lr, epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / iters_per_epoch))

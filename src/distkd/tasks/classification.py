@@ -1,0 +1,162 @@
+"""Image classification: datasets and loaders, student/teacher models, CE, top-1/top-5."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distkd.config import DataConfig, ModelConfig, RunConfig
+from distkd.data.augment import CropFlip
+from distkd.data.base import InMemoryData
+from distkd.data.loaders import TensorLoader
+from distkd.distill import Distiller, Term, logits_of
+from distkd.distill.renormalize import Renormalize
+from distkd.engine import distributed
+from distkd.engine.trainer import Loader, TrainSetup
+from distkd.errors import ConfigError, UnknownNameError
+from distkd.losses import build_loss
+from distkd.models import create_model
+from distkd.models.adapters import input_stats
+from distkd.models.weights import load_weights
+from distkd.registry import nearest
+
+DATASETS = ("silhouettes", "cifar10", "cifar100", "imagefolder")
+
+
+def load_dataset(cfg: DataConfig, seed: int):  # noqa: ANN201 - InMemoryData or FileData
+    """The dataset ``cfg.name`` names, with its train/val/test splits."""
+    if cfg.name == "silhouettes":
+        from distkd.data.silhouettes import load_silhouettes
+
+        return load_silhouettes()
+    if cfg.name in ("cifar10", "cifar100"):
+        from distkd.data.cifar import load_cifar
+
+        return load_cifar(cfg.name, _root(cfg), download=cfg.download, val_size=cfg.val_size, seed=seed)
+    if cfg.name == "imagefolder":
+        from distkd.data.imagefolder import load_imagefolder
+
+        return load_imagefolder(_root(cfg), preset=cfg.preset, image_size=cfg.image_size, val_size=cfg.val_size,
+                                seed=seed)
+    raise UnknownNameError(f"unknown dataset '{cfg.name}'{nearest(cfg.name, list(DATASETS))}; "
+                           f"known: {', '.join(DATASETS)}")
+
+
+def _root(cfg: DataConfig) -> str:
+    if cfg.root is None:
+        raise ConfigError(f"data.root is required for dataset '{cfg.name}' (e.g. data.root=~/data/{cfg.name})")
+    return cfg.root
+
+
+def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, Loader, Loader | None]:  # noqa: ANN001
+    """Train/val/test loaders: on-device tensors for in-memory data, worker processes for image files."""
+    channels_last = cfg.train.channels_last
+    common = {"rank": distributed.rank(), "world_size": distributed.world_size(), "seed": cfg.seed}
+    if isinstance(data, InMemoryData):
+        def make(split, train: bool) -> TensorLoader:  # noqa: ANN001
+            return TensorLoader(
+                split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
+                mean=data.mean, std=data.std, device=device, shuffle=train, drop_last=train,
+                augment=CropFlip(cfg.data.crop_padding, cfg.data.flip) if train else None,
+                channels_last=channels_last, **common,
+            )
+    else:
+        from distkd.data.imagefolder import FileLoader
+
+        def make(split, train: bool) -> FileLoader:  # noqa: ANN001
+            return FileLoader(
+                split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size, shuffle=train,
+                drop_last=train, num_workers=cfg.data.num_workers, num_classes=data.num_classes,
+                mixup=data.preset.mixup if train else None, device=device, channels_last=channels_last, **common,
+            )
+    test = make(data.test, False) if data.test is not None else None
+    return make(data.train, True), make(data.val, False), test
+
+
+def build_model(cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
+    """Create ``cfg.name`` and, when ``cfg.checkpoint`` is set, load its weights strictly."""
+    model = create_model(cfg.name, num_classes=num_classes, **cfg.kwargs)
+    if cfg.checkpoint is not None:
+        load_weights(model, cfg.checkpoint)
+    elif role == "teacher":
+        raise ConfigError(
+            "teacher.checkpoint is required: train the teacher first (distkd train with no teacher) and pass "
+            "teacher.checkpoint=RUN_DIR/checkpoints/best.pt"
+        )
+    return model
+
+
+def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
+    """Everything the trainer needs for a classification run described by ``cfg``."""
+    data = load_dataset(cfg.data, cfg.seed)
+    train, val, test = build_loaders(cfg, data, device)
+    student = build_model(cfg.model, data.num_classes, "student")
+    teacher = build_model(cfg.teacher, data.num_classes, "teacher") if cfg.teacher is not None else None
+    if cfg.loss.distill and teacher is None:
+        raise ConfigError("loss.distill has terms but no teacher is configured; set teacher.name and "
+                          "teacher.checkpoint, or remove loss.distill")
+    terms = [
+        Term(_term_name(i, t.loss, cfg), build_loss(t.loss, **t.kwargs), t.weight, t.student, t.teacher)
+        for i, t in enumerate(cfg.loss.distill)
+    ]
+    smoothing = cfg.loss.label_smoothing
+
+    def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits_of(output).float(), target, label_smoothing=smoothing)
+
+    distiller = Distiller(
+        student, teacher, terms, task_loss=cross_entropy, task_weight=cfg.loss.ce_weight,
+        teacher_input=_teacher_input(data, teacher),
+    )
+    _check_input(student, val, "model")
+    return TrainSetup(distiller, train, val, test, evaluate, metric="top1")
+
+
+def _term_name(index: int, loss: str, cfg: RunConfig) -> str:
+    same = [t.loss for t in cfg.loss.distill].count(loss)
+    return loss if same == 1 else f"{loss}{index}"
+
+
+def _teacher_input(data, teacher: nn.Module | None) -> Renormalize | None:  # noqa: ANN001
+    """Re-normalise the student's input for a teacher that expects other mean/std (as timm's distillation)."""
+    if teacher is None:
+        return None
+    stats = input_stats(teacher)
+    if stats is None or (tuple(stats[0]), tuple(stats[1])) == (tuple(data.mean), tuple(data.std)):
+        return None
+    return Renormalize(data.mean, data.std, *stats)
+
+
+def _check_input(model: nn.Module, loader: Loader, role: str) -> None:
+    """Fail early, in one line, when the model cannot take the dataset's images (e.g. wrong in_chans)."""
+    x, _ = next(iter(loader))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x[:2])
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"{role} cannot take inputs of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}; "
+            f"set {role}.kwargs (e.g. in_chans={x.shape[1]}) or pick another model"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Loader) -> dict[str, float]:
+    """Top-1, top-5 (in %, over all processes) and mean CE of ``model`` on ``loader`` (hard labels)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)
+    for x, y in loader:
+        logits = logits_of(model(x)).float()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = topk == y[:, None]
+        totals += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(),
+                                F.cross_entropy(logits, y, reduction="sum").item(), len(y)], dtype=torch.float64)
+    model.train(was_training)
+    top1, top5, loss, count = distributed.sum_tensor(totals).tolist()
+    return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count}
