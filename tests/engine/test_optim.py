@@ -1,0 +1,109 @@
+"""Optimizers and per-iteration learning-rate schedules, against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from timm.optim import RMSpropTF
+
+from distkd.config import OptimConfig, ScheduleConfig
+from distkd.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from distkd.models import create_model
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"), [(0.0, 1.0), (1.99, 1.0), (2.0, 0.1), (3.5, 0.1), (4.0, 0.01), (9.0, 0.01)]
+)
+def test_multistep_multiplies_by_gamma_at_each_milestone(epoch: float, expected: float) -> None:
+    factor = lr_factor(ScheduleConfig(name="multistep", milestones=[2, 4], gamma=0.1), base_lr=0.1, epochs=10)
+    assert factor(epoch) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(("epoch", "expected"), [(0.0, 1.0), (2.9, 1.0), (3.0, 0.5), (5.99, 0.5), (6.5, 0.25)])
+def test_step_halves_every_step_size_epochs(epoch: float, expected: float) -> None:
+    factor = lr_factor(ScheduleConfig(name="step", step_size=3, gamma=0.5), base_lr=0.1, epochs=10)
+    assert factor(epoch) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [
+        (0.0, 0.1),  # warm-up starts at warmup_start
+        (1.0, 0.55),  # half-way through a 2-epoch linear warm-up: 0.1 + 0.9 / 2
+        (2.0, 1.0),  # the cosine starts at the full lr
+        (4.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))),  # progress (4 - 2) / 8 = 1/4
+        (6.0, 0.55),  # progress 1/2: min_lr / lr + half the remaining range = 0.1 + 0.45
+        (10.0, 0.1),  # ends at min_lr / lr
+        (12.0, 0.1),  # and stays there
+    ],
+)
+def test_cosine_with_warmup_and_floor(epoch: float, expected: float) -> None:
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=2, warmup_start=0.1, min_lr=0.01)
+    assert lr_factor(cfg, base_lr=0.1, epochs=10)(epoch) == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_precedes_multistep_and_constant_stays_flat() -> None:
+    cfg = ScheduleConfig(name="multistep", milestones=[3], gamma=0.2, warmup_epochs=1, warmup_start=0.5)
+    factor = lr_factor(cfg, base_lr=1.0, epochs=5)
+    assert [factor(e) for e in (0.0, 0.5, 1.0, 2.9, 3.0)] == pytest.approx([0.5, 0.75, 1.0, 1.0, 0.2])
+    flat = lr_factor(ScheduleConfig(name="constant"), base_lr=1.0, epochs=5)
+    assert [flat(e) for e in (0.0, 2.5, 5.0)] == [1.0, 1.0, 1.0]
+
+
+def test_scheduler_steps_once_per_iteration_with_epochs_as_fractions() -> None:
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1))
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=1, warmup_start=0.1)
+    scheduler = build_scheduler(optimizer, cfg, base_lr=0.1, epochs=2, iters_per_epoch=4)
+    seen = []
+    for _ in range(9):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # iteration i is epoch i / 4: warm-up 0.01 -> 0.1 over epoch 1, then half a cosine down to 0 over epoch 2.
+    expected = [0.01, 0.0325, 0.055, 0.0775, 0.1, 0.05 * (1 + math.cos(math.pi / 4)), 0.05,
+                0.05 * (1 + math.cos(3 * math.pi / 4)), 0.0]
+    assert seen == pytest.approx(expected, abs=1e-12)
+
+
+def test_no_decay_norm_bias_puts_exactly_the_1d_params_in_the_zero_decay_group() -> None:
+    model = create_model("small_cnn3_w2", num_classes=10)
+    model.features[0].weight.requires_grad_(False)  # frozen params are left out of every group
+    decay, no_decay = param_groups(model, weight_decay=5e-4, no_decay_norm_bias=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim <= 1}
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in model.named_parameters() if p.ndim > 1 and n != "features.0.weight"
+    }
+    assert "fc.bias" in {names[id(p)] for p in no_decay["params"]}
+    assert "features.1.weight" in {names[id(p)] for p in no_decay["params"]}  # a BatchNorm weight
+    (single,) = param_groups(model, weight_decay=5e-4, no_decay_norm_bias=False)
+    assert len(single["params"]) == len(list(model.parameters())) - 1 and single["weight_decay"] == 5e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("rmsprop_tf", RMSpropTF)]
+)
+def test_each_optimizer_builds_with_its_settings_and_steps(name: str, kind: type) -> None:
+    torch.manual_seed(0)
+    model = create_model("small_cnn3_w2", num_classes=10)
+    cfg = OptimConfig(name=name, lr=0.01, weight_decay=1e-4, no_decay_norm_bias=True, betas=[0.8, 0.99], eps=1e-6,
+                      nesterov=name == "sgd")
+    optimizer = build_optimizer(model, cfg)
+    assert type(optimizer) is kind
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
+    assert all(g["lr"] == 0.01 for g in optimizer.param_groups)
+    if name == "adamw":
+        assert optimizer.param_groups[0]["betas"] == (0.8, 0.99) and optimizer.param_groups[0]["eps"] == 1e-6
+    else:
+        assert optimizer.param_groups[0]["momentum"] == 0.9
+    if name == "sgd":
+        assert optimizer.param_groups[0]["nesterov"] is True
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 1, 28, 28)).logsumexp(1).mean().backward()
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
