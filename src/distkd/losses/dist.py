@@ -20,9 +20,6 @@ intra term is exactly 1. A mask that keeps no position gives a loss of 0 with ze
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 from distkd.errors import ConfigError
@@ -33,72 +30,11 @@ from distkd.losses._inputs import (
     check_non_negative,
     check_positive,
     instance_mask,
-    masked_mean,
     zero_masked,
 )
+from distkd.losses._relations import relation_terms
 
-EPS = 1e-8
 ACTIVATIONS = ("softmax", "sigmoid")
-
-
-def _safe_sqrt(x: Tensor) -> Tensor:
-    """``sqrt(x)`` for ``x >= 0`` whose gradient at 0 is 0 instead of inf (so 0 * inf never makes NaN)."""
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
-
-
-def _correlation(sum_ab: Tensor, sum_aa: Tensor, sum_bb: Tensor) -> Tensor:
-    """Pearson correlation from centred sums: ``sum_ab / (sqrt(sum_aa) * sqrt(sum_bb) + 1e-8)``."""
-    return sum_ab / (_safe_sqrt(sum_aa) * _safe_sqrt(sum_bb) + EPS)
-
-
-def _global_sum(x: Tensor) -> Tensor:
-    """Sum ``x`` over all ranks; the gradient is summed back to every rank (autograd all-reduce)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def inter_class_distance(y_s: Tensor, y_t: Tensor, weights: Tensor | None) -> Tensor:
-    """``1 - mean_i rho(y_s[i, :], y_t[i, :])`` over the kept instances; 0 if none is kept.
-
-    ``y_s``, ``y_t``: ``(N, C, S)`` probabilities; ``weights``: 0/1 ``(N, 1, S)`` or None.
-    """
-    a = y_s - y_s.mean(1, keepdim=True)
-    b = y_t - y_t.mean(1, keepdim=True)
-    rho = _correlation((a * b).sum(1), a.square().sum(1), b.square().sum(1)).unsqueeze(1)
-    return masked_mean(1.0 - rho, weights)
-
-
-def intra_class_distance(y_s: Tensor, y_t: Tensor, weights: Tensor | None, *, global_batch: bool = False) -> Tensor:
-    """``1 - mean_j rho(y_s[:, j], y_t[:, j])``, each column over the kept instances; 0 if none is kept.
-
-    ``y_s``, ``y_t``: ``(N, C, S)`` probabilities; ``weights``: 0/1 ``(N, 1, S)`` or None. With
-    ``global_batch`` the column statistics are summed over all ranks of the default process group
-    (two all-reduces of ``2C + 1`` and ``3C`` numbers), which is exact for any per-rank sizes.
-    """
-    num_classes = y_s.shape[1]
-    dims = (0, 2)
-    if weights is None:
-        count = y_s.new_tensor(float(y_s.shape[0] * y_s.shape[2]))
-        sums = torch.cat([y_s.sum(dims), y_t.sum(dims), count[None]])
-    else:
-        count = weights.sum()
-        sums = torch.cat([(y_s * weights).sum(dims), (y_t * weights).sum(dims), count[None]])
-    if global_batch:
-        sums = _global_sum(sums)
-    count = sums[-1]
-    means = (sums[:-1] / count.clamp_min(1.0)).view(2, 1, num_classes, 1)
-    a = y_s - means[0]
-    b = y_t - means[1]
-    if weights is not None:
-        a = a * weights
-        b = b * weights
-    moments = torch.cat([(a * b).sum(dims), a.square().sum(dims), b.square().sum(dims)])
-    if global_batch:
-        moments = _global_sum(moments)
-    rho = _correlation(*moments.view(3, num_classes))
-    return (1.0 - rho.mean()) * (count > 0).to(rho.dtype)
 
 
 @LOSSES.register("dist")
@@ -175,8 +111,7 @@ class DIST(nn.Module):
         y_s = self._probabilities(zero_masked(z_s, keep))
         y_t = self._probabilities(zero_masked(z_t, keep))
         weights = None if keep is None else keep.to(y_s.dtype)
-        inter = inter_class_distance(y_s, y_t, weights)
-        intra = intra_class_distance(y_s, y_t, weights, global_batch=self.global_intra)
+        inter, intra = relation_terms(y_s, y_t, weights, global_batch=self.global_intra)
         scale = self.tau**2 if self.tau_squared else 1.0
         loss = scale * (self.beta * inter + self.gamma * intra)
         if return_parts:
