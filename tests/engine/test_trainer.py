@@ -1,0 +1,113 @@
+"""The Trainer on a tiny synthetic dataset: AMP, EMA, gradient clipping, divergence, what one epoch records."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distkd.config import RunConfig, TrainConfig
+from distkd.data.augment import CropFlip
+from distkd.data.base import Split
+from distkd.data.loaders import TensorLoader
+from distkd.distill import Distiller
+from distkd.engine.trainer import Trainer, TrainingDiverged, TrainSetup
+from distkd.models import create_model
+from distkd.tasks.classification import evaluate
+
+
+def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(output.float(), target)
+
+
+def tiny_setup() -> TrainSetup:
+    """64 random 12x12 grey images in 10 classes: 4 training steps of 16 per epoch."""
+    gen = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (64, 1, 12, 12), dtype=torch.uint8, generator=gen),
+                  torch.randint(0, 10, (64,), generator=gen))
+    stats = {"mean": (0.5,), "std": (0.25,)}
+    train = TensorLoader(split, batch_size=16, shuffle=True, drop_last=True, augment=CropFlip(2, True), **stats)
+    val = TensorLoader(split, batch_size=32, **stats)
+    torch.manual_seed(0)
+    distiller = Distiller(create_model("small_cnn3_w2", num_classes=10), task_loss=cross_entropy)
+    return TrainSetup(distiller, train, val, None, evaluate, metric="top1")
+
+
+def tiny_config(epochs: int = 1, **train: object) -> RunConfig:
+    return RunConfig(train=TrainConfig(epochs=epochs, device="cpu", progress="none", **train))
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_autocast_step_on_cpu_gives_finite_losses(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    dtypes: list[torch.dtype] = []
+    setup.distiller.student.fc.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    trainer = Trainer(tiny_config(amp="bf16"), setup, torch.device("cpu"), tmp_path)
+    assert not trainer.scaler.is_enabled()
+    trainer.fit()
+    (record,) = records(tmp_path)
+    assert dtypes[0] == torch.bfloat16  # training steps ran under autocast
+    assert dtypes[-1] == torch.float32  # evaluation does not
+    assert math.isfinite(record["train/loss"]) and record["train/loss"] == record["train/ce"]
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in setup.distiller.student.parameters())
+
+
+def test_fp16_builds_an_enabled_grad_scaler(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(amp="fp16"), tiny_setup(), torch.device("cpu"), tmp_path)
+    assert trainer.amp_dtype == torch.float16 and trainer.scaler.is_enabled()
+    assert trainer.scaler.get_scale() == 2.0**16
+
+
+def movement(tmp_path: Path, **train: object) -> tuple[Trainer, float]:
+    """Train 2 epochs (8 SGD steps, no weight decay); return the trainer and how far the weights moved."""
+    cfg = tiny_config(epochs=2, **train)
+    cfg.optim.weight_decay = 0.0
+    trainer = Trainer(cfg, tiny_setup(), torch.device("cpu"), tmp_path)
+    start = [p.detach().clone() for p in trainer.student.parameters()]
+    trainer.fit()
+    moved = [(p.detach() - s).flatten() for p, s in zip(trainer.student.parameters(), start, strict=True)]
+    return trainer, torch.cat(moved).norm().item()
+
+
+def test_grad_clip_bounds_each_step(tmp_path: Path) -> None:
+    # With gradients clipped to norm c, an SGD step with momentum 0.9 moves at most lr * c / (1 - 0.9).
+    _, clipped = movement(tmp_path / "clipped", grad_clip=1e-3)
+    _, free = movement(tmp_path / "free")
+    assert 0 < clipped <= 8 * 0.1 * 1e-3 / (1 - 0.9) < free
+
+
+def test_ema_is_updated_evaluated_and_checkpointed(tmp_path: Path) -> None:
+    trainer, _ = movement(tmp_path, ema_decay=0.5)
+    lines = records(tmp_path)
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert all("ema_val/top1" in r and "val/top1" in r for r in lines)
+    pairs = zip(trainer.ema.module.parameters(), trainer.student.parameters(), strict=True)
+    assert not any(torch.equal(a, b) for a, b in pairs)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(state["ema"][k], v) for k, v in trainer.ema.module.state_dict().items())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "last_test" not in summary and summary["best_epoch"] in (1, 2)
+
+
+def test_a_nan_loss_stops_the_run_with_advice(tmp_path: Path) -> None:
+    setup = tiny_setup()
+    setup.distiller.task_loss = lambda output, target: output.sum() * float("nan")
+    with pytest.raises(TrainingDiverged, match="training loss became nan in epoch 1; lower optim.lr"):
+        Trainer(tiny_config(), setup, torch.device("cpu"), tmp_path).fit()
+
+
+def test_lr_is_stepped_every_iteration(tmp_path: Path) -> None:
+    cfg = tiny_config(epochs=2)
+    cfg.schedule.name, cfg.schedule.warmup_epochs = "cosine", 0.0
+    Trainer(cfg, tiny_setup(), torch.device("cpu"), tmp_path).fit()
+    lrs = [r["lr"] for r in records(tmp_path)]
+    # The lr logged after epoch e is the one the next step would use: 0.1 * (1 + cos(pi * e / 2)) / 2.
+    assert lrs == pytest.approx([0.05, 0.0], abs=1e-12)
