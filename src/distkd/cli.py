@@ -1,4 +1,4 @@
-"""The ``distkd`` command line: train, eval, demo, models, configs.
+"""The ``distkd`` command line: train, eval, demo, models, configs, reproduce.
 
 Errors distkd raises on purpose are printed as one line (``error: ...``) with exit status 2.
 """
@@ -70,6 +70,20 @@ def _configs(args: argparse.Namespace) -> None:
     print("\n".join(bundled_configs()))
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    from distkd.reproduce import commands, get_table, list_tables, parse_teacher_checkpoints, plan, reproduce
+
+    if args.list or args.table is None:
+        print(list_tables())
+        return
+    if args.dry_run:
+        table = get_table(args.table)
+        ckpts = parse_teacher_checkpoints(args.teacher_ckpt, table)
+        print("\n".join(commands(plan(table, args.rows, args.seeds, Path(args.out), args.set, ckpts))))
+        return
+    print(reproduce(args.table, args.rows, args.seeds, args.out, args.set, args.teacher_ckpt))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distkd", description="Knowledge distillation from a stronger teacher.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
     p = sub.add_parser("configs", help="list the bundled configs")
     p.set_defaults(func=_configs)
+    p = sub.add_parser("reproduce", help="re-run a published table (teachers, rows x seeds) beside the paper's numbers")
+    p.add_argument("table", nargs="?", help="table name; `distkd reproduce --list` lists them")
+    p.add_argument("--list", action="store_true", help="list the tables and their rows")
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows (default: all)")
+    p.add_argument("--seeds", type=int, default=1, help="student seeds per row (default 1)")
+    p.add_argument("--teacher-ckpt", nargs="+", default=[], metavar="ROW=PATH",
+                   help="use this teacher checkpoint for a row (or a teacher key) instead of training it")
+    p.add_argument("--set", nargs="+", default=[], metavar="key=value",
+                   help="overrides for every run, e.g. data.root=~/data train.epochs=1")
+    p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+    p.add_argument("--dry-run", action="store_true", help="print the equivalent `distkd train` commands")
+    p.set_defaults(func=_reproduce)
     return parser
 
 

@@ -1,0 +1,331 @@
+"""``distkd reproduce``: re-run a published table and set our numbers beside the paper's.
+
+A :class:`Table` is a list of rows; a :class:`Row` is one student config (bundled, plus overrides) and
+the teacher it needs. :func:`reproduce` trains each teacher it lacks once (rows sharing a teacher share
+the run), trains every row for ``seeds`` seeds in-process through :func:`distkd.api.train`, and writes
+``<out>/<table>.md`` (ours mean ± std beside the published number, with the gap) and ``<out>/<table>.json``.
+
+Layout under ``out``: ``teachers/<key>/`` (teacher runs, shared by all tables) and
+``<table>/<row>/seed<k>/`` (student runs). Finished runs are reused, interrupted ones resumed, so an
+interrupted reproduction continues where it stopped; a finished run with another config is refused.
+
+The score of a run is ``best_test``: test top-1 of the epoch that was best on the validation split. On
+CIFAR-100 (``data.val_size: 0``) the validation split *is* the test set, so this is the best test
+accuracy over training, the convention of the published CIFAR tables.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from distkd.config import RunConfig, load_config, to_dict
+from distkd.errors import ConfigError, UnknownNameError
+from distkd.published import SOURCES, Published, published
+from distkd.registry import nearest
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``distkd train`` invocation: a bundled config name (or path) and dotted overrides."""
+
+    config: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher trained from scratch by its own config; ``key`` names its run (shared across rows)."""
+
+    key: str
+    run: Run
+
+
+@dataclass(frozen=True)
+class Row:
+    """A student run and the teacher it distils from (None: no teacher, or pretrained hub weights)."""
+
+    name: str
+    student: Run
+    teacher: Teacher | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    title: str
+    rows: tuple[Row, ...]
+    note: str = ""
+
+    def row(self, name: str) -> Row:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        names = [r.name for r in self.rows]
+        raise UnknownNameError(f"table '{self.name}' has no row '{name}'{nearest(name, names)}; "
+                               f"rows: {', '.join(names)} (see `distkd reproduce --list`)")
+
+
+# ----------------------------------------------------------------------------- the tables
+
+# (teacher, student) of every CIFAR-100 row; the student's config name uses its published name.
+CIFAR_PAIRS: tuple[tuple[str, str], ...] = (
+    ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet32x4", "resnet8x4"),
+    ("resnet50", "mobilenetv2"), ("resnet32x4", "shufflev1"), ("resnet32x4", "shufflev2"),
+    ("vgg13", "vgg8"), ("resnet110", "resnet32"), ("wrn_40_2", "wrn_16_2"),
+)
+IMAGENET_ROWS: dict[str, tuple[str, ...]] = {
+    "b1": ("resnet34-resnet18", "resnet50-mobilenetv1", "resnet50-resnet18", "resnet101-resnet18",
+           "resnet152-resnet18", "resnet50-resnet34", "resnet101-resnet34", "resnet152-resnet34"),
+    "b2": ("resnet50sb-resnet18", "resnet50sb-resnet34", "resnet50sb-mobilenetv2", "resnet50sb-efficientnet_b0"),
+    "b3": ("swinl-resnet50", "swinl-swint"),
+}
+# The silhouettes study: one student, teachers of growing width (see benchmarks/teacher_strength.py).
+STRENGTH_STUDENT = "small_cnn3_w4"
+STRENGTH_TEACHERS: tuple[str, ...] = ("small_cnn6_w4", "small_cnn6_w8", "small_cnn6_w16", "small_cnn6_w32",
+                                      "small_cnn6_w64")
+STRENGTH_METHODS: tuple[str, ...] = ("kd", "dist")
+
+
+def _cifar_table(method: str, name: str, title: str) -> Table:
+    rows = tuple(
+        Row(f"{t}-{s}", Run(f"cifar100/{method}_{t}-{s}.yaml"),
+            Teacher(f"cifar100-{t}", Run(f"cifar100/teacher_{t}.yaml")))
+        for t, s in CIFAR_PAIRS
+    )
+    return Table(name, title, rows, "teachers trained here by cifar100/teacher_*.yaml unless --teacher-ckpt is given")
+
+
+def _imagenet_table(strategy: str) -> Table:
+    rows = tuple(Row(r, Run(f"imagenet/{strategy}_{r}.yaml")) for r in IMAGENET_ROWS[strategy])
+    return Table(f"imagenet-{strategy}", f"ImageNet, DIST, training strategy {strategy.upper()}", rows,
+                 "teachers use pretrained hub weights (teacher.kwargs.pretrained); set data.root")
+
+
+def _strength_table() -> Table:
+    rows = [Row("alone", Run("demo/student.yaml", (f"model.name={STRENGTH_STUDENT}",)))]
+    for teacher in STRENGTH_TEACHERS:
+        trained = Teacher(f"silhouettes-{teacher}", Run("demo/teacher.yaml", (f"model.name={teacher}",)))
+        rows += [Row(f"{m}-{teacher}", Run(f"demo/{m}.yaml", (f"model.name={STRENGTH_STUDENT}",
+                                                               f"teacher.name={teacher}")), trained)
+                 for m in STRENGTH_METHODS]
+    return Table("silhouettes-strength", f"Silhouettes: {STRENGTH_STUDENT} student, KD vs DIST as the teacher grows",
+                 tuple(rows), "embedded data; no published numbers (our own study)")
+
+
+TABLES: MappingProxyType[str, Table] = MappingProxyType({t.name: t for t in (
+    _cifar_table("dist", "cifar100", "CIFAR-100, DIST (CE + 2 x DIST, tau 4)"),
+    _cifar_table("kd", "cifar100-kd", "CIFAR-100, KD (0.1 CE + 0.9 KD, tau 4)"),
+    _cifar_table("dkd", "cifar100-dkd", "CIFAR-100, DKD (mdistiller settings)"),
+    _imagenet_table("b1"), _imagenet_table("b2"), _imagenet_table("b3"),
+    _strength_table(),
+)})
+
+
+def get_table(name: str) -> Table:
+    """The table called ``name``; an unknown name lists the known ones."""
+    if name not in TABLES:
+        raise UnknownNameError(f"unknown table '{name}'{nearest(name, list(TABLES))}; known: {', '.join(TABLES)}")
+    return TABLES[name]
+
+
+def list_tables() -> str:
+    """Every table with its rows, one table per paragraph (what ``distkd reproduce --list`` prints)."""
+    blocks = []
+    for table in TABLES.values():
+        lines = [f"{table.name}: {table.title}"]
+        for row in table.rows:
+            pub = published(table.name, row.name)
+            number = f"{pub.accuracy:.2f}" if pub is not None and pub.accuracy is not None else "-"
+            lines.append(f"  {row.name:<30} published {number:>6}  {row.student.config}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class RowResult:
+    """What the runs of one row gave: ``scores`` (best_test per seed), the teacher's top-1 on val."""
+
+    row: str
+    scores: list[float] = field(default_factory=list)
+    teacher: float | None = None
+    run_dirs: list[str] = field(default_factory=list)
+
+
+Trainer = Callable[[RunConfig, bool], dict[str, Any]]
+
+
+def parse_teacher_checkpoints(items: Sequence[str], table: Table) -> dict[str, str]:
+    """``["ROW=PATH", "KEY=PATH"]`` -> ``{row or teacher key: path}``, checked against ``table``."""
+    known = {r.name for r in table.rows} | {r.teacher.key for r in table.rows if r.teacher}
+    out = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise ConfigError(f"--teacher-ckpt '{item}' is not ROW=PATH (e.g. resnet56-resnet20=teacher.pt)")
+        if key not in known:
+            raise UnknownNameError(f"--teacher-ckpt: table '{table.name}' has no row or teacher '{key}'"
+                                   f"{nearest(key, sorted(known))}; rows: {', '.join(r.name for r in table.rows)}")
+        out[key] = path
+    return out
+
+
+def plan(table: Table, rows: Sequence[str] | None, seeds: int, out: Path, overrides: Sequence[str] = (),
+         teacher_ckpts: dict[str, str] | None = None) -> list[tuple[str, Run]]:
+    """The runs :func:`reproduce` makes, in order: ``(role, run)`` with role ``teacher`` or the row name.
+
+    Every run carries its final overrides (run folder, seed, teacher checkpoint, then ``overrides``).
+    """
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    chosen = [table.row(r) for r in rows] if rows else list(table.rows)
+    ckpts = teacher_ckpts or {}
+    steps: list[tuple[str, Run]] = []
+    trained: set[str] = set()
+    for row in chosen:
+        teacher_opts: tuple[str, ...] = ()
+        if row.teacher is not None:
+            given = ckpts.get(row.name, ckpts.get(row.teacher.key))
+            if given is None:
+                folder = out / "teachers"
+                if row.teacher.key not in trained:
+                    trained.add(row.teacher.key)
+                    extra = (f"out_dir={folder}", f"name={row.teacher.key}", *overrides)
+                    steps.append(("teacher", Run(row.teacher.run.config, row.teacher.run.overrides + extra)))
+                given = str(folder / row.teacher.key / "checkpoints" / "best.pt")
+            teacher_opts = (f"teacher.checkpoint={given}",)
+        for seed in range(seeds):
+            extra = (f"out_dir={out / table.name}", f"name={row.name}/seed{seed}", f"seed={seed}", *teacher_opts,
+                     *overrides)
+            steps.append((row.name, Run(row.student.config, row.student.overrides + extra)))
+    return steps
+
+
+def commands(steps: Sequence[tuple[str, Run]]) -> list[str]:
+    """The ``distkd train`` command lines equivalent to ``steps`` (what ``--dry-run`` prints)."""
+    return [shlex.join(["distkd", "train", run.config, *run.overrides]) for _, run in steps]
+
+
+def reproduce(table_name: str, rows: Sequence[str] | None = None, seeds: int = 1, out: str | Path = "runs/reproduce",
+              overrides: Sequence[str] = (), teacher_ckpts: Sequence[str] = (),
+              trainer: Trainer | None = None) -> str:
+    """Run ``table_name`` (all rows, or ``rows``) for ``seeds`` seeds; write and return the markdown table.
+
+    ``overrides`` (dotted ``key=value``) apply to every run, teachers included, e.g. ``data.root=~/data``
+    or ``train.epochs=1``. ``teacher_ckpts``: ``ROW=PATH`` or ``TEACHER_KEY=PATH`` items that skip
+    training that teacher. ``trainer`` defaults to :func:`distkd.api.train`.
+    """
+    from distkd.cli import resolve_config_path
+
+    table = get_table(table_name)
+    out = Path(out)
+    steps = plan(table, rows, seeds, out, overrides, parse_teacher_checkpoints(teacher_ckpts, table))
+    train = trainer if trainer is not None else _api_train
+    results: dict[str, RowResult] = {}
+    for role, run in steps:
+        cfg = load_config(resolve_config_path(run.config), list(run.overrides))
+        summary = run_or_reuse(cfg, train)
+        if role == "teacher":
+            continue
+        result = results.setdefault(role, RowResult(role))
+        result.scores.append(float(summary["best_test"]))
+        result.run_dirs.append(str(cfg.run_dir))
+        if summary.get("teacher_val"):
+            result.teacher = float(summary["teacher_val"]["top1"])
+    markdown = render(table, list(results.values()), seeds, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{table.name}.md").write_text(markdown)
+    (out / f"{table.name}.json").write_text(json.dumps(
+        {"table": table.name, "seeds": seeds, "overrides": list(overrides),
+         "rows": [vars(r) for r in results.values()]}, indent=2))
+    return markdown
+
+
+def _api_train(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+    from distkd.api import train
+
+    return train(cfg, resume=resume)
+
+
+def run_or_reuse(cfg: RunConfig, train: Trainer) -> dict[str, Any]:
+    """The summary of ``cfg``'s run: read back when finished with the same config, else trained (or resumed)."""
+    run_dir = cfg.run_dir
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+        diffs = _differences(saved, to_dict(cfg))
+        if diffs:
+            raise ConfigError(f"{run_dir} holds a finished run with another config (differs in "
+                              f"{', '.join(diffs[:5])}); pass another --out, or delete that folder")
+        return json.loads(summary.read_text())
+    return train(cfg, (run_dir / "checkpoints" / "last.pt").is_file())
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain-data configs (``train.progress`` ignored)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{path}.{k}".lstrip("."))]
+    return [] if a == b or path == "train.progress" else [path]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def render(table: Table, results: Sequence[RowResult], seeds: int, overrides: Sequence[str] = ()) -> str:
+    """The markdown report: one line per row, ours (mean ± std over seeds) beside the published number."""
+    lines = [f"## {table.title}", "",
+             f"Top-1 (%) of the best-on-validation epoch on the test split, mean ± std over {seeds} seed(s). "
+             "Gap = ours − published.", ""]
+    if overrides:
+        lines += [f"Overrides: `{' '.join(overrides)}`", ""]
+    lines += ["| row | teacher ours | teacher published | student alone published | ours | published | gap |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    used: set[str] = set()
+    notes: list[str] = []
+    for result in results:
+        pub = published(table.name, result.row)
+        mean, std = mean_std(result.scores)
+        ours = f"{mean:.2f} ± {std:.2f}"
+        teacher = f"{result.teacher:.2f}" if result.teacher is not None else "-"
+        lines.append(f"| {result.row} | {teacher} | {_cell(pub, 'teacher')} | {_cell(pub, 'student')} | {ours} | "
+                     f"{_cell(pub, 'accuracy')} | {_gap(mean, pub)} |")
+        if pub is not None:
+            used |= {pub.source} | ({pub.reference} if pub.reference else set())
+            if pub.note:
+                notes.append(f"- {result.row}: {pub.note}")
+    if used:
+        lines += ["", "Sources:", *[f"- {key}: {SOURCES[key]}" for key in sorted(used)]]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(pub: Published | None, attr: str) -> str:
+    value = getattr(pub, attr) if pub is not None else None
+    if value is None:
+        return "-"
+    std = pub.std if attr == "accuracy" else None
+    return f"{value:.2f} ± {std:.2f}" if std is not None else f"{value:.2f}"
+
+
+def _gap(mean: float, pub: Published | None) -> str:
+    if pub is None or pub.accuracy is None:
+        return "-"
+    return f"{mean - pub.accuracy:+.2f}"
