@@ -100,10 +100,10 @@ class Trainer:
             record = {"epoch": epoch + 1, **train_stats, **{f"val/{k}": v for k, v in val.items()}}
             if self.ema is not None:
                 record |= {f"ema_val/{k}": v for k, v in self.setup.evaluate(self.ema.module, self.setup.val).items()}
+            self.epoch = epoch + 1
             if val[self.setup.metric] > self.best["value"]:
                 self.best = {"epoch": epoch + 1, "value": val[self.setup.metric]}
                 self._save("best.pt", weights_only=True)
-            self.epoch = epoch + 1
             self._save("last.pt")
             self.log.write(record, step=self.epoch)
             self.progress.end_epoch(_epoch_line(record, self.setup.metric, self.cfg.train.epochs))
