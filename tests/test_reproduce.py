@@ -1,0 +1,137 @@
+"""``distkd reproduce``: listing, dry runs, errors, the report, and one real CIFAR-100 row end to end."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distkd.cli import main
+from distkd.errors import ConfigError, UnknownNameError
+from distkd.published import PUBLISHED
+from distkd.reproduce import TABLES, RowResult, get_table, parse_teacher_checkpoints, plan, render, reproduce
+
+TINY = ("train.threads=1", "train.progress=none", "train.amp=none")
+
+
+def _write_cifar100(root: Path, per_class: int = 1) -> None:
+    """``root/cifar-100-python/{train,test,meta}`` in the official pickle format, random images."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        fine = rng.permutation(np.repeat(np.arange(100), per_class))
+        entry = {"data": rng.integers(0, 256, size=(len(fine), 3072), dtype=np.uint8), "fine_labels": fine.tolist(),
+                 "coarse_labels": (fine // 5).tolist(), "filenames": [f"{i}.png" for i in range(len(fine))]}
+        (folder / split).write_bytes(pickle.dumps(entry))
+    meta = {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+
+
+def test_list_names_every_table_and_row(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "--list"]) == 0
+    text = capsys.readouterr().out
+    for name in ("cifar100", "cifar100-kd", "cifar100-dkd", "imagenet-b1", "imagenet-b2", "imagenet-b3",
+                 "silhouettes-strength"):
+        assert f"{name}: " in text
+        for row in TABLES[name].rows:
+            assert f"  {row.name} " in text
+    assert "published  71.75  cifar100/dist_resnet56-resnet20.yaml" in text
+
+
+def test_dry_run_trains_each_teacher_once_then_every_seed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    argv = ["reproduce", "cifar100", "--rows", "resnet32x4-resnet8x4", "resnet32x4-shufflev1", "--seeds", "2",
+            "--out", str(out), "--dry-run", "--set", "data.root=/data", "train.epochs=3"]
+    assert main(argv) == 0
+    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line[2] for line in lines] == ["cifar100/teacher_resnet32x4.yaml"] + \
+        ["cifar100/dist_resnet32x4-resnet8x4.yaml"] * 2 + ["cifar100/dist_resnet32x4-shufflev1.yaml"] * 2
+    teacher_ckpt = out / "teachers" / "cifar100-resnet32x4" / "checkpoints" / "best.pt"
+    assert lines[0][3:] == [f"out_dir={out / 'teachers'}", "name=cifar100-resnet32x4", "data.root=/data",
+                            "train.epochs=3"]
+    assert lines[2][3:] == [f"out_dir={out / 'cifar100'}", "name=resnet32x4-resnet8x4/seed1", "seed=1",
+                            f"teacher.checkpoint={teacher_ckpt}", "data.root=/data", "train.epochs=3"]
+    assert all(line[:2] == ["distkd", "train"] for line in lines)
+
+
+def test_given_teacher_checkpoint_skips_training_that_teacher(tmp_path: Path) -> None:
+    table = get_table("cifar100-kd")
+    by_row = parse_teacher_checkpoints(["resnet56-resnet20=/ckpt/r56.pt"], table)
+    steps = plan(table, ["resnet56-resnet20"], 1, tmp_path, teacher_ckpts=by_row)
+    assert [role for role, _ in steps] == ["resnet56-resnet20"]
+    assert "teacher.checkpoint=/ckpt/r56.pt" in steps[0][1].overrides
+    by_key = parse_teacher_checkpoints(["cifar100-resnet32x4=/ckpt/r32x4.pt"], table)
+    steps = plan(table, ["resnet32x4-resnet8x4", "resnet32x4-shufflev2"], 1, tmp_path, teacher_ckpts=by_key)
+    assert [role for role, _ in steps] == ["resnet32x4-resnet8x4", "resnet32x4-shufflev2"]
+    assert all("teacher.checkpoint=/ckpt/r32x4.pt" in run.overrides for _, run in steps)
+
+
+def test_pretrained_teacher_rows_train_no_teacher(tmp_path: Path) -> None:
+    steps = plan(get_table("imagenet-b1"), None, 1, tmp_path)
+    assert len(steps) == len(TABLES["imagenet-b1"].rows)
+    assert not any(o.startswith("teacher.checkpoint=") for _, run in steps for o in run.overrides)
+
+
+def test_unknown_table_row_and_bad_arguments_fail_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        (["reproduce", "cifar10", "--dry-run"], "unknown table 'cifar10' (did you mean 'cifar100'?)"),
+        (["reproduce", "cifar100", "--rows", "resnet56-resnet2", "--dry-run"],
+         "table 'cifar100' has no row 'resnet56-resnet2' (did you mean 'resnet56-resnet20'?)"),
+        (["reproduce", "cifar100", "--teacher-ckpt", "r56.pt", "--dry-run"], "is not ROW=PATH"),
+        (["reproduce", "cifar100", "--teacher-ckpt", "resnet57=r.pt", "--dry-run"], "has no row or teacher 'resnet57'"),
+        (["reproduce", "cifar100", "--seeds", "0", "--dry-run"], "--seeds must be at least 1"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    with pytest.raises(UnknownNameError):
+        get_table("imagenet-b4")
+
+
+def test_report_sets_mean_std_beside_the_published_number_with_the_gap() -> None:
+    table = get_table("cifar100")
+    results = [RowResult("resnet56-resnet20", [70.0, 72.0], teacher=72.5), RowResult("vgg13-vgg8", [71.0])]
+    text = render(table, results, seeds=2)
+    assert "| resnet56-resnet20 | 72.50 | 72.34 | 69.06 | 71.00 ± 1.41 | 71.75 ± 0.30 | -0.75 |" in text
+    assert "| vgg13-vgg8 | - | 74.64 | 70.36 | 71.00 ± 0.00 | - | - |" in text  # no DIST number published
+    assert "hunto/DIST_KD README.md" in text and "HobbitLong/RepDistiller README.md" in text
+    assert "vgg13-vgg8: no DIST number published" in text
+
+
+@pytest.mark.slow
+def test_reproduce_trains_teacher_then_student_and_writes_the_table(tmp_path: Path, one_thread: None) -> None:
+    _write_cifar100(tmp_path / "data")
+    out = tmp_path / "rep"
+    overrides = [*TINY, f"data.root={tmp_path / 'data'}", "train.epochs=1", "data.batch_size=32",
+                 "data.eval_batch_size=100"]
+    argv = ["reproduce", "cifar100", "--rows", "resnet56-resnet20", "--seeds", "1", "--out", str(out), "--set",
+            *overrides]
+    assert main(argv) == 0
+    teacher_dir = out / "teachers" / "cifar100-resnet56"
+    student_dir = out / "cifar100" / "resnet56-resnet20" / "seed0"
+    assert (teacher_dir / "checkpoints" / "best.pt").is_file() and (student_dir / "summary.json").is_file()
+    teacher = json.loads((teacher_dir / "summary.json").read_text())
+    student = json.loads((student_dir / "summary.json").read_text())
+    assert student["teacher_val"]["top1"] == pytest.approx(teacher["best_val"])  # the trained teacher was loaded
+    saved = json.loads((out / "cifar100.json").read_text())
+    (row,) = saved["rows"]
+    assert row["scores"] == [student["best_test"]]
+    gap = student["best_test"] - PUBLISHED["cifar100"]["resnet56-resnet20"].accuracy
+    markdown = (out / "cifar100.md").read_text()
+    assert f"| {student['best_test']:.2f} ± 0.00 | 71.75 ± 0.30 | {gap:+.2f} |" in markdown
+
+    # A second call reuses both finished runs (no training: the files stay untouched) ...
+    stamp = (student_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
+    again = reproduce("cifar100", ["resnet56-resnet20"], 1, out, overrides)
+    assert again == markdown and (student_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+    # ... and refuses to mix a finished run with another config.
+    with pytest.raises(ConfigError, match="differs in train.epochs"):
+        reproduce("cifar100", ["resnet56-resnet20"], 1, out, [*overrides, "train.epochs=2"])
+    assert torch.get_num_threads() == 1
