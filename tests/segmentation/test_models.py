@@ -158,3 +158,20 @@ def test_tiny_model_fits_a_batch_when_trained() -> None:
         loss.backward()
         opt.step()
     assert float(loss_fn().detach()) < 0.8 * first
+
+
+@pytest.mark.parametrize("stride", [4, 2])
+def test_smaller_output_strides_keep_parameters_and_raise_resolution(stride: int) -> None:
+    base = create_model("seg_pspnet_tiny", num_classes=3, in_chans=1)
+    fine = create_model("seg_pspnet_tiny", num_classes=3, in_chans=1, output_stride=stride)
+    fine.load_state_dict(base.state_dict())  # same keys and shapes
+    out = fine(torch.randn(2, 1, 32, 32))
+    assert out["out"].shape == out["aux"].shape == (2, 3, 32 // stride, 32 // stride)
+    with pytest.raises(ConfigError, match="output_stride"):
+        create_model("seg_pspnet_tiny", num_classes=3, output_stride=16)
+
+
+def test_aspp_rates_are_configurable() -> None:
+    model = create_model("seg_deeplabv3_tiny", num_classes=3, aspp_rates=(1, 2, 3))
+    assert [b[0].dilation[0] for b in model.head.context.branches[1:4]] == [1, 2, 3]
+    assert model(torch.randn(2, 3, 32, 32))["out"].shape == (2, 3, 4, 4)

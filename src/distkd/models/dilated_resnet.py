@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distkd.errors import CheckpointError
+from distkd.errors import CheckpointError, ConfigError
 
 
 class BasicBlock(nn.Module):
@@ -77,17 +77,21 @@ class DilatedResNet(nn.Module):
     ``c3`` is stage 3, (N, 4 * base_width * expansion, H/8, W/8); ``c4`` is stage 4,
     (N, 8 * base_width * expansion, H/8, W/8). In the dilated stages the first block keeps the previous
     dilation and the others use the new one (torchvision's ``replace_stride_with_dilation`` rule).
+    ``output_stride`` 4 drops the stem's max-pool and 2 also the stem conv's stride, for small images;
+    neither changes the parameters, so the same weights load.
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, int, int, int],
-                 in_chans: int = 3, base_width: int = 64) -> None:
+                 in_chans: int = 3, base_width: int = 64, output_stride: int = 8) -> None:
         super().__init__()
+        if output_stride not in (2, 4, 8):
+            raise ConfigError(f"output_stride must be 8, 4 or 2, got {output_stride}")
         self.inplanes = base_width
         self.dilation = 1
-        self.conv1 = nn.Conv2d(in_chans, base_width, 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, base_width, 7, 1 if output_stride == 2 else 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(base_width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if output_stride == 8 else nn.Identity()
         self.layer1 = self._make_stage(block, base_width, layers[0], stride=1, dilate=False)
         self.layer2 = self._make_stage(block, base_width * 2, layers[1], stride=2, dilate=False)
         self.layer3 = self._make_stage(block, base_width * 4, layers[2], stride=2, dilate=True)
@@ -122,10 +126,10 @@ class DilatedResNet(nn.Module):
 
 
 def dilated_resnet(arch: str, in_chans: int = 3, base_width: int = 64,
-                   layers: tuple[int, int, int, int] | None = None) -> DilatedResNet:
+                   layers: tuple[int, int, int, int] | None = None, output_stride: int = 8) -> DilatedResNet:
     """The dilated ``arch`` (resnet18/34/50/101), optionally with other per-stage block counts."""
     block, default_layers = ARCHS[arch]
-    return DilatedResNet(block, layers or default_layers, in_chans=in_chans, base_width=base_width)
+    return DilatedResNet(block, layers or default_layers, in_chans, base_width, output_stride)
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

@@ -88,9 +88,9 @@ class PyramidPooling(nn.Module):
 class DeepLabHead(nn.Module):
     """ASPP, then 3x3 conv-BN-ReLU, dropout 0.1 and a 1x1 classifier: (N, C, h, w) -> (N, K, h, w)."""
 
-    def __init__(self, cin: int, width: int, num_classes: int) -> None:
+    def __init__(self, cin: int, width: int, num_classes: int, rates: tuple[int, ...] = (12, 24, 36)) -> None:
         super().__init__()
-        self.context = ASPP(cin, width)
+        self.context = ASPP(cin, width, rates)
         self.fuse = nn.Sequential(conv_bn_relu(width, width, 3), nn.Dropout(0.1))
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
@@ -150,17 +150,20 @@ HEADS: dict[str, type[DeepLabHead] | type[PSPHead]] = {"deeplabv3": DeepLabHead,
 def build_segmentation_net(head: str, arch: str, num_classes: int, in_chans: int = 3, aux: bool = True,
                            pretrained_backbone: bool = False, backbone_weights: str | None = None,
                            base_width: int = 64, layers: tuple[int, int, int, int] | None = None,
-                           head_width: int | None = None) -> SegmentationNet:
+                           head_width: int | None = None, output_stride: int = 8,
+                           aspp_rates: tuple[int, ...] = (12, 24, 36)) -> SegmentationNet:
     """Assemble ``head`` ("deeplabv3" | "pspnet") on the dilated ``arch`` backbone.
 
     ``backbone_weights`` (a local state_dict file) wins over ``pretrained_backbone`` (torchvision's
     ImageNet weights); both load the backbone strictly. ``head_width`` defaults to c4/4 for basic-block
-    trunks (128 on ResNet-18) and c4/8 for bottleneck trunks (256 on ResNet-50/101).
+    trunks (128 on ResNet-18) and c4/8 for bottleneck trunks (256 on ResNet-50/101). ``output_stride``
+    (8, 4 or 2) sets the logits' resolution H/os; ``aspp_rates`` (DeepLabV3 only) suit stride 8 on
+    large images by default.
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     layers = tuple(layers) if layers is not None else None  # type: ignore[assignment]
-    backbone = dilated_resnet(arch, in_chans=in_chans, base_width=base_width, layers=layers)
+    backbone = dilated_resnet(arch, in_chans, base_width, layers, output_stride)
     if backbone_weights is not None:
         load_backbone(backbone, read_state_dict(backbone_weights), f"'{backbone_weights}'")
     elif pretrained_backbone:
@@ -171,7 +174,9 @@ def build_segmentation_net(head: str, arch: str, num_classes: int, in_chans: int
     c4 = backbone.c4_channels
     width = head_width or (c4 // 4 if c4 == 8 * base_width else c4 // 8)
     aux_head = FCNHead(backbone.c3_channels, num_classes) if aux else None
-    return SegmentationNet(backbone, HEADS[head](c4, width, num_classes), aux_head)
+    main = DeepLabHead(c4, width, num_classes, tuple(aspp_rates)) if head == "deeplabv3" else PSPHead(
+        c4, width, num_classes)
+    return SegmentationNet(backbone, main, aux_head)
 
 
 def _register_dilated() -> None:
