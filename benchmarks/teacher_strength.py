@@ -79,7 +79,9 @@ def plot(rows: dict[str, dict], path: Path) -> None:
             xs.append(row["teacher"])
             ys.append(mean)
             es.append(std)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=f"C{i}", label=method.upper())
+        order = sorted(range(len(xs)), key=xs.__getitem__)  # join the points left to right
+        ax.errorbar([xs[j] for j in order], [ys[j] for j in order], yerr=[es[j] for j in order], marker="o",
+                    capsize=3, color=f"C{i}", label=method.upper())
     alone, spread = _stats(rows["alone"]["scores"])
     ax.axhline(alone, color="gray", linestyle="--", label="student alone")
     ax.axhspan(alone - spread, alone + spread, color="gray", alpha=0.15)

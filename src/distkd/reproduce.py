@@ -292,7 +292,7 @@ def render(table: Table, results: Sequence[RowResult], seeds: int, overrides: Se
     """The markdown report: one line per row, ours (mean ± std over seeds) beside the published number."""
     lines = [f"## {table.title}", "",
              f"Top-1 (%) of the best-on-validation epoch on the test split, mean ± std over {seeds} seed(s). "
-             "Gap = ours − published.", ""]
+             "Gap = ours − published. Teacher ours: the loaded teacher's top-1 on the validation split.", ""]
     if overrides:
         lines += [f"Overrides: `{' '.join(overrides)}`", ""]
     lines += ["| row | teacher ours | teacher published | student alone published | ours | published | gap |",
