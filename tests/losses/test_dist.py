@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from losses_reference import dist_loss, dist_terms
 
 from distkd.errors import ConfigError, ShapeError, UnknownNameError
-from distkd.losses import DIST, build_loss, list_losses
+from distkd.losses import DIST, _relations, build_loss, list_losses
 
 SHAPES = [(6, 5), (3, 4, 5), (2, 3, 4, 5)]
 
@@ -190,3 +192,19 @@ def test_bad_shapes_raise_shape_error_naming_them(student_shape, teacher_shape, 
 def test_non_bool_mask_is_rejected():
     with pytest.raises(ShapeError, match="bool"):
         DIST()(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), mask=torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (2, 3, 2, 3)])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_chunked_cpu_computation_matches_reference(monkeypatch, shape, activation):
+    # About 6 elements a chunk: several chunks of rows for (5, 3), of positions for the dense shape.
+    monkeypatch.setattr(_relations, "CPU_CHUNK_ELEMENTS", max(1, 6 // torch.get_num_threads()))
+    flat = torch.Size((shape[0], shape[1], math.prod(shape[2:])))
+    assert len(_relations._chunk_spans(flat, torch.device("cpu"))[1]) >= 3
+    student, teacher = logits(shape, 23), logits(shape, 24)
+    mask = random_mask(shape, 25) if len(shape) > 2 else None
+    loss = DIST(tau=2.0, beta=0.7, activation=activation)
+    expected = dist_loss(student, teacher, tau=2.0, beta=0.7, activation=activation, mask=mask)
+    assert loss(student, teacher, mask=mask).item() == pytest.approx(expected, rel=1e-10)
+    student.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: loss(s, teacher, mask=mask), (student,))

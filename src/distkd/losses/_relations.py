@@ -1,18 +1,26 @@
 """DIST's two relation terms with a hand-written backward (fewer passes and saved tensors).
 
-For probabilities ``y_s``, ``y_t`` viewed as ``(N, C, S)`` (instance ``i = (n, s)``, class ``j``)
-and 0/1 weights ``w`` ``(N, 1, S)``:
+For logits ``z_s``, ``z_t`` viewed as ``(N, C, S)`` (instance ``i = (n, s)``, class ``j``),
+probabilities ``y = softmax(z / tau)`` over ``j`` (or ``sigmoid(z / tau)``) and 0/1 weights ``w``
+``(N, 1, S)``:
 
 - ``inter = sum_i w_i (1 - rho(y_s[i, :], y_t[i, :])) / max(n, 1)``, ``n = sum_i w_i`` (local);
 - ``intra = (1 - mean_j rho(y_s[w, j], y_t[w, j])) * [n > 0]``, columns over the kept instances;
 
-with ``rho(a, b) = <a - mean a, b - mean b> / (||a - mean a|| * ||b - mean b|| + eps)``.
+with ``rho(a, b) = <a - mean a, b - mean b> / (||a - mean a|| * ||b - mean b|| + eps)``, every
+sum computed on centred vectors (two passes, no cancellation from raw moments).
 
 The gradient of ``rho`` w.r.t. ``a`` is ``B / D - c * A`` with ``A``, ``B`` the centred vectors,
 ``D = |A| |B| + eps`` and ``c = <A, B> |B| / (|A| D^2)``; it has zero mean, so the centring
-projection leaves it unchanged. Both terms' gradients are therefore ``y_t * U - y_s * V + R`` with
-``U``, ``V``, ``R`` sums of a per-instance and a per-class vector: the backward needs only
-``y_s``, ``y_t`` and vectors, never the centred copies.
+projection leaves it unchanged. Both terms' gradients w.r.t. ``y_s`` are therefore
+``y_t * U - y_s * V + R`` with ``U``, ``V``, ``R`` sums of a per-instance and a per-class vector:
+the backward needs only ``y_s``, ``y_t`` and vectors, never the centred copies.
+
+On the CPU the work runs in chunks of about ``CPU_CHUNK_ELEMENTS`` elements per thread (along
+``S`` for dense inputs, along ``N`` otherwise), so the dozen elementwise passes each chunk needs
+stay in the cores' caches instead of streaming the whole tensor from memory each time (about 1.5x
+faster for dense inputs on one thread). Chunking only changes the order of floating-point sums.
+Other devices get one chunk.
 
 With ``global_batch`` the per-class statistics are summed over the ranks of the default process
 group, and the intra term's incoming gradient is summed over ranks in the backward: this is the
@@ -28,6 +36,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 EPS = 1e-8
+CPU_CHUNK_ELEMENTS = 1 << 17
 
 
 def _world_size() -> int:
@@ -60,10 +69,7 @@ def _centred_moments(
     dim: int | tuple[int, ...],
     keepdim: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``<A, B>``, ``|A|^2``, ``|B|^2`` along ``dim`` of ``A = w (y_s - mean_s)``, ``B = w (y_t - mean_t)``.
-
-    Three input-sized buffers at most; the products reuse one buffer.
-    """
+    """``<A, B>``, ``|A|^2``, ``|B|^2`` along ``dim`` of ``A = w (y_s - mean_s)``, ``B = w (y_t - mean_t)``."""
     a, b = y_s - mean_s, y_t - mean_t
     if weights is not None:
         a.mul_(weights)
@@ -75,84 +81,148 @@ def _centred_moments(
     return dot, square_a, square_b
 
 
+def _chunk_spans(shape: torch.Size, device: torch.device) -> tuple[int, list[tuple[int, int]]]:
+    """The dim to split ``(N, C, S)`` along and its ``(start, length)`` chunks (one chunk off the CPU)."""
+    n, c, s = shape
+    dim = 2 if s > 1 else 0
+    length = shape[dim]
+    if device.type != "cpu":
+        return dim, [(0, length)]
+    # Each of torch's threads gets about CPU_CHUNK_ELEMENTS elements of every chunk-sized op.
+    step = max(1, CPU_CHUNK_ELEMENTS * torch.get_num_threads() // (n * c if dim == 2 else c))
+    return dim, [(start, min(step, length - start)) for start in range(0, length, step)]
+
+
+def _activate(logits: Tensor, tau: float, sigmoid: bool) -> Tensor:
+    scaled = logits if tau == 1.0 else logits / tau
+    return scaled.sigmoid() if sigmoid else scaled.softmax(1)
+
+
 class _RelationTerms(torch.autograd.Function):
-    """``(y_s, y_t, weights, global_batch) -> (inter, intra)``; gradient w.r.t. ``y_s`` only."""
+    """``(z_s, z_t, weights, tau, sigmoid, global_batch) -> (inter, intra)``; gradient w.r.t. ``z_s``."""
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, y_s: Tensor, y_t: Tensor, weights: Tensor | None, global_batch: bool
+        ctx: FunctionCtx,
+        z_s: Tensor,
+        z_t: Tensor,
+        weights: Tensor | None,
+        tau: float,
+        sigmoid: bool,
+        global_batch: bool,
     ) -> tuple[Tensor, Tensor]:
-        num_classes = y_s.shape[1]
+        num_classes = z_s.shape[1]
         dims = (0, 2)
-        # Inter-class relation: one correlation per instance, over the class dim.
-        mean_s_row, mean_t_row = y_s.mean(1, keepdim=True), y_t.mean(1, keepdim=True)
-        rho_row, inv_d_row, c_row = _correlation_parts(
-            *_centred_moments(y_s, y_t, mean_s_row, mean_t_row, None, dim=1, keepdim=True)
-        )
-        # Intra-class relation: one correlation per class, over the kept instances.
+        dim, spans = _chunk_spans(z_s.shape, z_s.device)
+
+        def part(x: Tensor | None, start: int, length: int) -> Tensor | None:
+            return None if x is None else x.narrow(dim, start, length)
+
+        # Sweep 1: probabilities; inter-class moments per instance (over the class dim); column sums.
+        probs_s, probs_t, row_stats = [], [], []
+        col_sums = z_s.new_zeros(2 * num_classes)
+        for start, length in spans:
+            y_s = _activate(z_s.narrow(dim, start, length), tau, sigmoid)
+            y_t = _activate(z_t.narrow(dim, start, length), tau, sigmoid)
+            mean_s, mean_t = y_s.mean(1, keepdim=True), y_t.mean(1, keepdim=True)
+            moments = _centred_moments(y_s, y_t, mean_s, mean_t, None, dim=1, keepdim=True)
+            row_stats.append(torch.cat([mean_s, mean_t, *moments], 1))
+            w = part(weights, start, length)
+            col_sums[:num_classes] += (y_s if w is None else y_s * w).sum(dims)
+            col_sums[num_classes:] += (y_t if w is None else y_t * w).sum(dims)
+            probs_s.append(y_s)
+            probs_t.append(y_t)
+        mean_s_row, mean_t_row, *row_moments = torch.cat(row_stats, dim).unbind(1)
+        rho_row, inv_d_row, c_row = _correlation_parts(*row_moments)
+
+        # Column means over the kept instances (of all ranks with global_batch).
         if weights is None:
-            count = y_s.new_tensor([float(y_s.shape[0] * y_s.shape[2])])
-            sums = torch.cat([y_s.sum(dims), y_t.sum(dims), count])
+            local_count = z_s.new_tensor(float(z_s.shape[0] * z_s.shape[2]))
         else:
-            sums = torch.cat([(y_s * weights).sum(dims), (y_t * weights).sum(dims), weights.sum().view(1)])
-        local_count = sums[-1].clone()
+            local_count = weights.sum()
+        sums = torch.cat([col_sums, local_count.view(1)])
         if global_batch:
             sums = _all_reduce_sum(sums)
         count = sums[-1]
         mean_s_col, mean_t_col = (sums[:-1] / count.clamp_min(1.0)).view(2, 1, num_classes, 1)
-        moments = torch.cat(_centred_moments(y_s, y_t, mean_s_col, mean_t_col, weights, dim=dims))
+
+        # Sweep 2: intra-class moments per class, over the kept instances.
+        col_moments = z_s.new_zeros(3 * num_classes)
+        for (start, length), y_s, y_t in zip(spans, probs_s, probs_t, strict=True):
+            w = part(weights, start, length)
+            col_moments += torch.cat(_centred_moments(y_s, y_t, mean_s_col, mean_t_col, w, dim=dims))
         if global_batch:
-            moments = _all_reduce_sum(moments)
-        rho_col, inv_d_col, c_col = _correlation_parts(*moments.view(3, num_classes))
+            col_moments = _all_reduce_sum(col_moments)
+        rho_col, inv_d_col, c_col = _correlation_parts(*col_moments.view(3, num_classes))
 
         kept = count > 0
         if weights is None:
             inter = (1.0 - rho_row).mean()
         else:
-            inter = ((1.0 - rho_row) * weights).sum() / local_count.clamp_min(1.0)
+            inter = ((1.0 - rho_row) * weights.squeeze(1)).sum() / local_count.clamp_min(1.0)
         intra = (1.0 - rho_col.mean()) * kept.to(rho_col.dtype)
         ctx.save_for_backward(
-            y_s, y_t, weights, mean_s_row, mean_t_row, inv_d_row, c_row, mean_s_col, mean_t_col,
-            inv_d_col.view(1, num_classes, 1), c_col.view(1, num_classes, 1), local_count, kept,
+            weights, mean_s_row.unsqueeze(1), mean_t_row.unsqueeze(1), inv_d_row.unsqueeze(1),
+            c_row.unsqueeze(1), mean_s_col, mean_t_col, inv_d_col.view(1, num_classes, 1),
+            c_col.view(1, num_classes, 1), local_count, kept, *probs_s, *probs_t,
         )  # fmt: skip
-        ctx.global_batch = global_batch
+        ctx.layout = (z_s.shape, dim, spans, tau, sigmoid, global_batch)
         return inter, intra
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_inter: Tensor, grad_intra: Tensor) -> tuple[Tensor | None, ...]:
-        (y_s, y_t, weights, mean_s_row, mean_t_row, inv_d_row, c_row, mean_s_col, mean_t_col,
-         inv_d_col, c_col, local_count, kept) = ctx.saved_tensors  # fmt: skip
-        if ctx.global_batch and _world_size() > 1:
+        shape, dim, spans, tau, sigmoid, global_batch = ctx.layout
+        (weights, mean_s_row, mean_t_row, inv_d_row, c_row, mean_s_col, mean_t_col, inv_d_col, c_col,
+         local_count, kept, *probs) = ctx.saved_tensors  # fmt: skip
+        if global_batch:
             grad_intra = _all_reduce_sum(grad_intra.clone())
-        num_classes = y_s.shape[1]
         # d inter / d rho_i = -w_i / n_local ; d intra / d rho_j = -[n_global > 0] / C.
         k_row = -grad_inter / local_count.clamp_min(1.0)
         if weights is not None:
             k_row = k_row * weights
-        k_col = -grad_intra * kept.to(grad_intra.dtype) / num_classes
+        k_col = -grad_intra * kept.to(grad_intra.dtype) / shape[1]
         u_row, v_row = k_row * inv_d_row, k_row * c_row
         u_col, v_col = k_col * inv_d_col, k_col * c_col
         r_row = v_row * mean_s_row - u_row * mean_t_row
         r_col = v_col * mean_s_col - u_col * mean_t_col
-        if weights is None:
-            u, v, r = u_row + u_col, v_row + v_col, r_row + r_col
-        else:
-            u = torch.addcmul(u_row, weights, u_col)
-            v = torch.addcmul(v_row, weights, v_col)
-            r = torch.addcmul(r_row, weights, r_col)
-        grad = torch.addcmul(r, y_t, u)
-        grad.addcmul_(y_s, v, value=-1.0)
-        return grad, None, None, None
+        grad = probs[0].new_empty(shape)
+        for (start, length), y_s, y_t in zip(spans, probs[: len(spans)], probs[len(spans) :], strict=True):
+            if weights is None:
+                u = u_row.narrow(dim, start, length) + u_col
+                v = v_row.narrow(dim, start, length) + v_col
+                r = r_row.narrow(dim, start, length) + r_col
+            else:
+                w = weights.narrow(dim, start, length)
+                u = torch.addcmul(u_row.narrow(dim, start, length), w, u_col)
+                v = torch.addcmul(v_row.narrow(dim, start, length), w, v_col)
+                r = torch.addcmul(r_row.narrow(dim, start, length), w, r_col)
+            grad_y = r.addcmul_(y_t, u).addcmul_(y_s, v, value=-1.0)
+            out = grad.narrow(dim, start, length)
+            if sigmoid:
+                torch.mul(grad_y, y_s * (1.0 - y_s), out=out)
+            else:  # softmax: y * (g - <g, y>)
+                grad_y.sub_((grad_y * y_s).sum(1, keepdim=True))
+                torch.mul(grad_y, y_s, out=out)
+            if tau != 1.0:
+                out.div_(tau)
+        return grad, None, None, None, None, None
 
 
 def relation_terms(
-    y_s: Tensor, y_t: Tensor, weights: Tensor | None, *, global_batch: bool = False
+    z_s: Tensor,
+    z_t: Tensor,
+    weights: Tensor | None,
+    *,
+    tau: float = 1.0,
+    activation: str = "softmax",
+    global_batch: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """DIST's ``(inter, intra)`` terms of probabilities ``(N, C, S)``; ``weights``: 0/1 ``(N, 1, S)``.
+    """DIST's ``(inter, intra)`` terms of logits ``(N, C, S)``; ``weights``: 0/1 ``(N, 1, S)`` or None.
 
+    ``activation``: ``"softmax"`` over dim 1 or ``"sigmoid"``, at temperature ``tau``.
     ``global_batch`` sums the intra term's statistics over all ranks (when a process group with
     more than one rank is initialised). A term with no kept instance is 0.
     """
     global_batch = global_batch and _world_size() > 1
-    return _RelationTerms.apply(y_s, y_t.detach(), weights, global_batch)
+    return _RelationTerms.apply(z_s, z_t.detach(), weights, tau, activation == "sigmoid", global_batch)

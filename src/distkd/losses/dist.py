@@ -82,11 +82,6 @@ class DIST(nn.Module):
             f"tau_squared={self.tau_squared}, global_intra={self.global_intra}"
         )
 
-    def _probabilities(self, logits: Tensor) -> Tensor:
-        """``(N, C, S)`` logits -> ``(N, C, S)`` probabilities at temperature ``tau``."""
-        scaled = logits if self.tau == 1.0 else logits / self.tau
-        return scaled.softmax(1) if self.activation == "softmax" else scaled.sigmoid()
-
     def forward(
         self,
         student: Tensor,
@@ -108,10 +103,11 @@ class DIST(nn.Module):
         """
         z_s, z_t = as_instances(student, teacher)
         keep = instance_mask(mask, student.shape)
-        y_s = self._probabilities(zero_masked(z_s, keep))
-        y_t = self._probabilities(zero_masked(z_t, keep))
-        weights = None if keep is None else keep.to(y_s.dtype)
-        inter, intra = relation_terms(y_s, y_t, weights, global_batch=self.global_intra)
+        weights = None if keep is None else keep.to(z_s.dtype)
+        inter, intra = relation_terms(
+            zero_masked(z_s, keep), zero_masked(z_t, keep), weights, tau=self.tau,
+            activation=self.activation, global_batch=self.global_intra,
+        )  # fmt: skip
         scale = self.tau**2 if self.tau_squared else 1.0
         loss = scale * (self.beta * inter + self.gamma * intra)
         if return_parts:
