@@ -14,7 +14,17 @@ import torch
 from distkd.cli import main
 from distkd.errors import ConfigError, UnknownNameError
 from distkd.published import PUBLISHED
-from distkd.reproduce import TABLES, RowResult, get_table, parse_teacher_checkpoints, plan, render, reproduce
+from distkd.reproduce import (
+    STRENGTH_STUDENT,
+    STRENGTH_TEACHERS,
+    TABLES,
+    RowResult,
+    get_table,
+    parse_teacher_checkpoints,
+    plan,
+    render,
+    reproduce,
+)
 
 TINY = ("train.threads=1", "train.progress=none", "train.amp=none")
 
@@ -36,8 +46,8 @@ def _write_cifar100(root: Path, per_class: int = 1) -> None:
 def test_list_names_every_table_and_row(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reproduce", "--list"]) == 0
     text = capsys.readouterr().out
-    for name in ("cifar100", "cifar100-kd", "cifar100-dkd", "imagenet-b1", "imagenet-b2", "imagenet-b3",
-                 "silhouettes-strength"):
+    for name in ("cifar100", "cifar100-kd", "cifar100-dkd", "cifar100-baselines", "imagenet-b1", "imagenet-b2",
+                 "imagenet-b3", "silhouettes-strength"):
         assert f"{name}: " in text
         for row in TABLES[name].rows:
             assert f"  {row.name} " in text
@@ -76,6 +86,30 @@ def test_pretrained_teacher_rows_train_no_teacher(tmp_path: Path) -> None:
     steps = plan(get_table("imagenet-b1"), None, 1, tmp_path)
     assert len(steps) == len(TABLES["imagenet-b1"].rows)
     assert not any(o.startswith("teacher.checkpoint=") for _, run in steps for o in run.overrides)
+
+
+def test_strength_study_trains_each_teacher_once_for_kd_and_dist(tmp_path: Path) -> None:
+    steps = plan(get_table("silhouettes-strength"), None, 3, tmp_path, ["train.epochs=2"])
+    teachers = [run for role, run in steps if role == "teacher"]
+    assert [run.overrides[0] for run in teachers] == [f"model.name={t}" for t in STRENGTH_TEACHERS]
+    students = [(role, run) for role, run in steps if role != "teacher"]
+    assert len(students) == 3 * (1 + 2 * len(STRENGTH_TEACHERS))
+    for role, run in students:
+        assert f"model.name={STRENGTH_STUDENT}" in run.overrides and run.overrides[-1] == "train.epochs=2"
+        if role == "alone":
+            assert run.config == "demo/student.yaml"
+            assert not any(o.startswith("teacher.") for o in run.overrides)
+        else:
+            method, teacher = role.split("-", 1)
+            ckpt = tmp_path / "teachers" / f"silhouettes-{teacher}" / "checkpoints" / "best.pt"
+            assert run.config == f"demo/{method}.yaml"
+            assert f"teacher.name={teacher}" in run.overrides and f"teacher.checkpoint={ckpt}" in run.overrides
+
+
+def test_baselines_train_teachers_and_students_alone(tmp_path: Path) -> None:
+    steps = plan(get_table("cifar100-baselines"), None, 1, tmp_path)
+    assert {role for role, _ in steps} == set(PUBLISHED["cifar100-baselines"]) and len(steps) == 15
+    assert not any(o.startswith("teacher.") for _, run in steps for o in run.overrides)
 
 
 def test_unknown_table_row_and_bad_arguments_fail_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:

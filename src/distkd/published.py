@@ -83,6 +83,13 @@ PUBLISHED: MappingProxyType[str, MappingProxyType[str, Published]] = MappingProx
             "resnet110-resnet32": _P(74.11, 74.31, 71.14, "dkd-readme", kd=73.08, reference="crd-readme"),
             "wrn_40_2-wrn_16_2": _P(76.23, 75.61, 73.26, "dkd-readme", kd=74.92, reference="crd-readme"),
         },
+        "cifar100-baselines": {  # teachers and students trained alone (CE only)
+            **{name: _P(acc, None, None, "crd-readme") for name, acc in (
+                ("wrn_40_2", 75.61), ("resnet56", 72.34), ("resnet32x4", 79.42), ("resnet50", 79.34),
+                ("vgg13", 74.64), ("resnet110", 74.31), ("wrn_40_1", 71.98), ("resnet20", 69.06),
+                ("resnet8x4", 72.50), ("mobilenetv2", 64.60), ("shufflev1", 70.50), ("shufflev2", 71.82),
+                ("vgg8", 70.36), ("resnet32", 71.14), ("wrn_16_2", 73.26))},
+        },
         "imagenet-b1": {
             "resnet34-resnet18": _P(72.07, 73.31, 69.76, "dist-readme", kd=71.21),
             "resnet50-mobilenetv1": _P(73.24, 76.16, 70.13, "dist-readme"),

@@ -104,6 +104,13 @@ def _cifar_table(method: str, name: str, title: str) -> Table:
     return Table(name, title, rows, "teachers trained here by cifar100/teacher_*.yaml unless --teacher-ckpt is given")
 
 
+def _cifar_baselines() -> Table:
+    teachers = dict.fromkeys(t for t, _ in CIFAR_PAIRS)
+    rows = [Row(t, Run(f"cifar100/teacher_{t}.yaml")) for t in teachers]
+    rows += [Row(s, Run(f"cifar100/student_{s}.yaml")) for s in dict.fromkeys(s for _, s in CIFAR_PAIRS)]
+    return Table("cifar100-baselines", "CIFAR-100, teachers and students trained alone (CE only)", tuple(rows))
+
+
 def _imagenet_table(strategy: str) -> Table:
     rows = tuple(Row(r, Run(f"imagenet/{strategy}_{r}.yaml")) for r in IMAGENET_ROWS[strategy])
     return Table(f"imagenet-{strategy}", f"ImageNet, DIST, training strategy {strategy.upper()}", rows,
@@ -125,6 +132,7 @@ TABLES: MappingProxyType[str, Table] = MappingProxyType({t.name: t for t in (
     _cifar_table("dist", "cifar100", "CIFAR-100, DIST (CE + 2 x DIST, tau 4)"),
     _cifar_table("kd", "cifar100-kd", "CIFAR-100, KD (0.1 CE + 0.9 KD, tau 4)"),
     _cifar_table("dkd", "cifar100-dkd", "CIFAR-100, DKD (mdistiller settings)"),
+    _cifar_baselines(),
     _imagenet_table("b1"), _imagenet_table("b2"), _imagenet_table("b3"),
     _strength_table(),
 )})
