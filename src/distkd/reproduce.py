@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import shlex
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -171,9 +171,6 @@ class RowResult:
     run_dirs: list[str] = field(default_factory=list)
 
 
-Trainer = Callable[[RunConfig, bool], dict[str, Any]]
-
-
 def parse_teacher_checkpoints(items: Sequence[str], table: Table) -> dict[str, str]:
     """``["ROW=PATH", "KEY=PATH"]`` -> ``{row or teacher key: path}``, checked against ``table``."""
     known = {r.name for r in table.rows} | {r.teacher.key for r in table.rows if r.teacher}
@@ -226,24 +223,22 @@ def commands(steps: Sequence[tuple[str, Run]]) -> list[str]:
 
 
 def reproduce(table_name: str, rows: Sequence[str] | None = None, seeds: int = 1, out: str | Path = "runs/reproduce",
-              overrides: Sequence[str] = (), teacher_ckpts: Sequence[str] = (),
-              trainer: Trainer | None = None) -> str:
+              overrides: Sequence[str] = (), teacher_ckpts: Sequence[str] = ()) -> str:
     """Run ``table_name`` (all rows, or ``rows``) for ``seeds`` seeds; write and return the markdown table.
 
     ``overrides`` (dotted ``key=value``) apply to every run, teachers included, e.g. ``data.root=~/data``
     or ``train.epochs=1``. ``teacher_ckpts``: ``ROW=PATH`` or ``TEACHER_KEY=PATH`` items that skip
-    training that teacher. ``trainer`` defaults to :func:`distkd.api.train`.
+    training that teacher. Runs go through :func:`distkd.api.train`, in this process.
     """
     from distkd.cli import resolve_config_path
 
     table = get_table(table_name)
     out = Path(out)
     steps = plan(table, rows, seeds, out, overrides, parse_teacher_checkpoints(teacher_ckpts, table))
-    train = trainer if trainer is not None else _api_train
     results: dict[str, RowResult] = {}
     for role, run in steps:
         cfg = load_config(resolve_config_path(run.config), list(run.overrides))
-        summary = run_or_reuse(cfg, train)
+        summary = run_or_reuse(cfg)
         if role == "teacher":
             continue
         result = results.setdefault(role, RowResult(role))
@@ -260,14 +255,10 @@ def reproduce(table_name: str, rows: Sequence[str] | None = None, seeds: int = 1
     return markdown
 
 
-def _api_train(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+def run_or_reuse(cfg: RunConfig) -> dict[str, Any]:
+    """The summary of ``cfg``'s run: read back when finished with the same config, else trained (or resumed)."""
     from distkd.api import train
 
-    return train(cfg, resume=resume)
-
-
-def run_or_reuse(cfg: RunConfig, train: Trainer) -> dict[str, Any]:
-    """The summary of ``cfg``'s run: read back when finished with the same config, else trained (or resumed)."""
     run_dir = cfg.run_dir
     summary = run_dir / "summary.json"
     if summary.is_file():
@@ -277,7 +268,7 @@ def run_or_reuse(cfg: RunConfig, train: Trainer) -> dict[str, Any]:
             raise ConfigError(f"{run_dir} holds a finished run with another config (differs in "
                               f"{', '.join(diffs[:5])}); pass another --out, or delete that folder")
         return json.loads(summary.read_text())
-    return train(cfg, (run_dir / "checkpoints" / "last.pt").is_file())
+    return train(cfg, resume=(run_dir / "checkpoints" / "last.pt").is_file())
 
 
 def _differences(a: Any, b: Any, path: str = "") -> list[str]:
