@@ -53,16 +53,37 @@ def _git_commit() -> str | None:
 
 
 class MetricsLog:
-    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+    ``resume_epoch``: continuing a run whose checkpoint holds that many epochs; records of later epochs
+    (written before the run was stopped, but after its last checkpoint) are dropped from both.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_epoch: int | None = None) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if resume_epoch is not None:
+                self._keep_until(resume_epoch)
+            purge = None if resume_epoch is None else resume_epoch + 1
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+
+    def _keep_until(self, epoch: int) -> None:
+        """Drop the records of epochs after ``epoch`` (and a line cut short by a kill)."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("epoch", 0) <= epoch:
+                kept.append(line + "\n")
+        self.path.write_text("".join(kept))
 
     def write(self, record: dict[str, Any], step: int) -> None:
         if not self.enabled:

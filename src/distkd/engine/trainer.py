@@ -80,7 +80,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
         self.epoch = 0
         self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf}
-        self.log = MetricsLog(run_dir, enabled=self.is_main)
         self.progress = Progress(cfg.train.progress, cfg.train.epochs, enabled=self.is_main)
 
     # ------------------------------------------------------------------ the loop
@@ -90,9 +89,11 @@ class Trainer:
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
         elif self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
             (self.run_dir / "env.json").write_text(json.dumps(environment(self.device), indent=2))
-        teacher_val = self._teacher_metrics()
+        self.log = MetricsLog(self.run_dir, enabled=self.is_main, resume_epoch=self.epoch if resume else None)
+        teacher_val = self._teacher_metrics(record=not resume)
         for epoch in range(self.epoch, self.cfg.train.epochs):
             self.epoch = epoch
             train_stats = self._train_epoch(epoch)
@@ -101,11 +102,11 @@ class Trainer:
             if self.ema is not None:
                 record |= {f"ema_val/{k}": v for k, v in self.setup.evaluate(self.ema.module, self.setup.val).items()}
             self.epoch = epoch + 1
+            self.log.write(record, step=self.epoch)  # before last.pt: a resume drops it if last.pt is older
             if val[self.setup.metric] > self.best["value"]:
                 self.best = {"epoch": epoch + 1, "value": val[self.setup.metric]}
                 self._save("best.pt", weights_only=True)
             self._save("last.pt")
-            self.log.write(record, step=self.epoch)
             self.progress.end_epoch(_epoch_line(record, self.setup.metric, self.cfg.train.epochs))
         summary = self._summary(teacher_val)
         self.log.close()
@@ -118,9 +119,9 @@ class Trainer:
         self.progress.start_epoch(epoch, len(loader))
         sums: dict[str, Tensor] = {}
         start, clip = time.perf_counter(), self.cfg.train.grad_clip
-        for x, y in loader:
+        for x, y, *cached_teacher in loader:
             with self._autocast():
-                step = self.distiller(x, y, epoch)
+                step = self.distiller(x, y, epoch, *cached_teacher)
             loss = sum(step.losses.values())
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -152,13 +153,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and summary
 
-    def _teacher_metrics(self) -> dict[str, float] | None:
+    def _teacher_metrics(self, record: bool) -> dict[str, float] | None:
+        """The teacher on val; ``record``: log it as epoch 0 (a resumed run has logged it already)."""
         teacher = self.distiller.teacher
         if teacher is None:
             return None
         val = self.setup.evaluate(teacher, self.setup.val)
         self.progress.message(f"teacher val: {_format(val)}")
-        self.log.write({"epoch": 0, **{f"teacher_val/{k}": v for k, v in val.items()}}, step=0)
+        if record:
+            self.log.write({"epoch": 0, **{f"teacher_val/{k}": v for k, v in val.items()}}, step=0)
         return val
 
     def _summary(self, teacher_val: dict[str, float] | None) -> dict[str, Any]:
