@@ -63,6 +63,12 @@ def make_config() -> Callable[..., object]:
 
 
 @pytest.fixture(scope="session")
+def fast_overrides() -> tuple[str, ...]:
+    """The overrides that make a bundled demo config small and quick (what ``make_config`` applies)."""
+    return FAST
+
+
+@pytest.fixture(scope="session")
 def run_train() -> Callable[..., dict]:
     """``run_train(cfg, resume=False)``: see :func:`train_quietly`."""
     return train_quietly

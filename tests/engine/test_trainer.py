@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
 
 from distkd.config import RunConfig, TrainConfig
 from distkd.data.augment import CropFlip
 from distkd.data.base import Split
 from distkd.data.loaders import TensorLoader
-from distkd.distill import Distiller
+from distkd.distill import Distiller, Term
 from distkd.engine.trainer import Trainer, TrainingDiverged, TrainSetup
+from distkd.losses import build_loss
 from distkd.models import create_model
 from distkd.tasks.classification import evaluate
 
@@ -25,8 +28,8 @@ def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(output.float(), target)
 
 
-def tiny_setup() -> TrainSetup:
-    """64 random 12x12 grey images in 10 classes: 4 training steps of 16 per epoch."""
+def tiny_setup(teacher: bool = False) -> TrainSetup:
+    """64 random 12x12 grey images in 10 classes: 4 training steps of 16 per epoch; a KD term if ``teacher``."""
     gen = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (64, 1, 12, 12), dtype=torch.uint8, generator=gen),
                   torch.randint(0, 10, (64,), generator=gen))
@@ -34,7 +37,12 @@ def tiny_setup() -> TrainSetup:
     train = TensorLoader(split, batch_size=16, shuffle=True, drop_last=True, augment=CropFlip(2, True), **stats)
     val = TensorLoader(split, batch_size=32, **stats)
     torch.manual_seed(0)
-    distiller = Distiller(create_model("small_cnn3_w2", num_classes=10), task_loss=cross_entropy)
+    student = create_model("small_cnn3_w2", num_classes=10)
+    if teacher:
+        kd = Term("kd", build_loss("kd"), 1.0)
+        distiller = Distiller(student, create_model("small_cnn3_w2", 10), [kd], task_loss=cross_entropy)
+    else:
+        distiller = Distiller(student, task_loss=cross_entropy)
     return TrainSetup(distiller, train, val, None, evaluate, metric="top1")
 
 
@@ -111,3 +119,20 @@ def test_lr_is_stepped_every_iteration(tmp_path: Path) -> None:
     lrs = [r["lr"] for r in records(tmp_path)]
     # The lr logged after epoch e is the one the next step would use: 0.1 * (1 + cos(pi * e / 2)) / 2.
     assert lrs == pytest.approx([0.05, 0.0], abs=1e-12)
+
+
+def test_resume_drops_records_written_after_the_last_checkpoint(tmp_path: Path) -> None:
+    Trainer(tiny_config(epochs=1), tiny_setup(teacher=True), torch.device("cpu"), tmp_path).fit()
+    assert [r["epoch"] for r in records(tmp_path)] == [0, 1]
+    # A run killed after logging epoch 2 (and in the middle of a line) but before saving its checkpoint:
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"epoch": 2, "val/top1": -1.0}) + "\n" + '{"epoch": 3, "val/to')
+    with SummaryWriter(str(tmp_path / "tensorboard")) as writer:
+        writer.add_scalar("val/top1", -1.0, 2)
+    Trainer(tiny_config(epochs=2), tiny_setup(teacher=True), torch.device("cpu"), tmp_path).fit(resume=True)
+    lines = records(tmp_path)
+    assert [r["epoch"] for r in lines] == [0, 1, 2]  # the teacher's line once, each epoch once
+    assert lines[2]["val/top1"] >= 0
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(r["epoch"], r["val/top1"]) for r in lines[1:]]
+    assert [e.step for e in events.Scalars("teacher_val/top1")] == [0]
