@@ -58,9 +58,10 @@ def test_resnet18_models_follow_the_output_contract_and_paper_head_widths(name: 
 
 
 def test_aspp_rates_and_psp_bins_match_the_reference_heads() -> None:
-    deeplab = create_model("seg_deeplabv3_tiny", num_classes=3)
-    rates = [b[0].dilation[0] for b in deeplab.head.context.branches[1:4]]
-    assert rates == [12, 24, 36]
+    deeplab = create_model("seg_deeplabv3_resnet18", num_classes=3)
+    assert [b[0].dilation[0] for b in deeplab.head.context.branches[1:4]] == [12, 24, 36]
+    tiny = create_model("seg_deeplabv3_tiny", num_classes=3)
+    assert [b[0].dilation[0] for b in tiny.head.context.branches[1:4]] == [1, 2, 3]
     psp = create_model("seg_pspnet_tiny", num_classes=3)
     assert [b.pool.output_size for b in psp.head.context.branches] == [1, 2, 3, 6]
 
@@ -172,6 +173,6 @@ def test_smaller_output_strides_keep_parameters_and_raise_resolution(stride: int
 
 
 def test_aspp_rates_are_configurable() -> None:
-    model = create_model("seg_deeplabv3_tiny", num_classes=3, aspp_rates=(1, 2, 3))
-    assert [b[0].dilation[0] for b in model.head.context.branches[1:4]] == [1, 2, 3]
+    model = create_model("seg_deeplabv3_tiny", num_classes=3, aspp_rates=(2, 4, 6))
+    assert [b[0].dilation[0] for b in model.head.context.branches[1:4]] == [2, 4, 6]
     assert model(torch.randn(2, 3, 32, 32))["out"].shape == (2, 3, 4, 4)
