@@ -40,10 +40,13 @@ def resolve_config_path(name: str) -> Path:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from distkd.api import train
     from distkd.config import load_config
 
-    summary = train(load_config(resolve_config_path(args.config), args.overrides), resume=args.resume)
+    cfg = load_config(resolve_config_path(args.config), args.overrides)  # config errors come before torch loads
+
+    from distkd.api import train
+
+    summary = train(cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))
 
 
