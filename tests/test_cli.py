@@ -1,0 +1,83 @@
+"""The ``distkd`` command line: sub-commands, listings, eval output, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distkd.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: distkd")
+    for command in ("train", "eval", "demo", "models", "configs"):
+        assert f"    {command} " in out
+
+
+def test_models_lists_registered_names_and_the_adapters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert {"small_cnn3_w4", "small_cnn6_w32", "cifar_resnet56"} <= set(lines)
+    assert any(line.startswith("timm_<name>") for line in lines) and any(line.startswith("tv_<name>") for line in lines)
+
+
+def test_configs_lists_the_bundled_demo_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"demo/teacher.yaml", "demo/student.yaml", "demo/kd.yaml", "demo/dist.yaml"} <= set(listed)
+
+
+def test_a_bad_override_is_one_error_line_with_exit_status_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "distkd", "train", "demo/teacher.yaml", "optim.lrr=0.1", f"out_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config: unknown key 'optim.lrr'")
+    assert "did you mean 'lr'?" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "teacher").exists()
+    assert "torch" not in result.stderr  # reported before torch is even imported
+
+
+def test_errors_inside_a_command_print_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint not found: ") and err.count("\n") == 1
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("error: config file not found: ")
+
+
+def test_eval_prints_json_metrics_of_a_checkpoint(
+    teacher_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, summary = teacher_run
+    assert main(["eval", str(run_dir / "checkpoints" / "last.pt"), "--split", "test"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"top1", "top5", "loss"}
+    assert metrics["top1"] == summary["last_test"]
+    assert main(["eval", str(run_dir / "checkpoints" / "best.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == summary["best_val"]
+
+
+def test_resume_with_another_config_is_refused_naming_the_key(
+    teacher_run: tuple[Path, dict], fast_overrides: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = teacher_run[0]
+    args = ["train", "demo/teacher.yaml", *fast_overrides, f"out_dir={run_dir.parent}", "model.name=small_cnn3_w4",
+            "train.epochs=3", "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume ") and "config differs in train.epochs" in err
+    assert err.count("\n") == 1
