@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import default_collate
 
 from distkd.cli import main
+from distkd.data.imagefolder import load_imagefolder
 from distkd.errors import ConfigError, UnknownNameError
+from distkd.models import create_model
 from distkd.published import PUBLISHED
 from distkd.reproduce import (
     STRENGTH_STUDENT,
@@ -83,9 +87,21 @@ def test_given_teacher_checkpoint_skips_training_that_teacher(tmp_path: Path) ->
 
 
 def test_pretrained_teacher_rows_train_no_teacher(tmp_path: Path) -> None:
-    steps = plan(get_table("imagenet-b1"), None, 1, tmp_path)
+    table = get_table("imagenet-b1")
+    steps = plan(table, None, 1, tmp_path)
     assert len(steps) == len(TABLES["imagenet-b1"].rows)
     assert not any(o.startswith("teacher.checkpoint=") for _, run in steps for o in run.overrides)
+    # A local file replaces the hub weights of that row's teacher only.
+    ckpts = parse_teacher_checkpoints(["resnet34-resnet18=/w/resnet34.pth"], table)
+    steps = dict(plan(table, ["resnet34-resnet18", "resnet50-resnet18"], 1, tmp_path, teacher_ckpts=ckpts))
+    assert {"teacher.checkpoint=/w/resnet34.pth", "teacher.kwargs.pretrained=false"} <= set(
+        steps["resnet34-resnet18"].overrides)
+    assert not any(o.startswith("teacher.") for o in steps["resnet50-resnet18"].overrides)
+
+
+def test_teacher_checkpoint_for_a_row_without_teacher_is_refused() -> None:
+    with pytest.raises(UnknownNameError, match="has no row or teacher 'resnet20'"):
+        parse_teacher_checkpoints(["resnet20=/w.pt"], get_table("cifar100-baselines"))
 
 
 def test_strength_study_trains_each_teacher_once_for_kd_and_dist(tmp_path: Path) -> None:
@@ -169,3 +185,36 @@ def test_reproduce_trains_teacher_then_student_and_writes_the_table(tmp_path: Pa
     with pytest.raises(ConfigError, match="differs in train.epochs"):
         reproduce("cifar100", ["resnet56-resnet20"], 1, out, [*overrides, "train.epochs=2"])
     assert torch.get_num_threads() == 1
+
+
+def _write_imagefolder(root: Path, classes: int = 2, per_class: int = 4) -> None:
+    """``root/{train,val}/<class>/<i>.png``: random 80x80 RGB images."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, size=(80, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_imagenet_row_runs_with_a_local_teacher_file(tmp_path: Path, one_thread: None) -> None:
+    _write_imagefolder(tmp_path / "images")
+    teacher = create_model("timm_resnet34.tv_in1k", num_classes=2)
+    torch.save(teacher.state_dict(), tmp_path / "resnet34.pth")
+    out = tmp_path / "rep"
+    overrides = [*TINY, f"data.root={tmp_path / 'images'}", "data.image_size=64", "data.batch_size=4",
+                 "data.eval_batch_size=8", "data.num_workers=0", "train.epochs=1"]
+    text = reproduce("imagenet-b1", ["resnet34-resnet18"], 1, out, overrides,
+                     [f"resnet34-resnet18={tmp_path / 'resnet34.pth'}"])
+    summary = json.loads((out / "imagenet-b1" / "resnet34-resnet18" / "seed0" / "summary.json").read_text())
+    # The teacher the row used is the file's: its val loss is the one we compute here from the file.
+    data = load_imagefolder(str(tmp_path / "images"), preset="b1", image_size=64, val_size=0, seed=0)
+    x, y = default_collate([data.val[i] for i in range(len(data.val))])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(teacher.eval()(x), torch.as_tensor(y)).item()
+    assert summary["teacher_val"]["loss"] == pytest.approx(loss, rel=1e-3)
+    gap = summary["best_test"] - 72.07
+    assert f"| {summary['best_test']:.2f} ± 0.00 | 72.07 | {gap:+.2f} |" in text
+    assert not (out / "teachers").exists()  # the teacher came from the file, nothing was trained for it

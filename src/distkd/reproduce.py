@@ -51,11 +51,16 @@ class Teacher:
 
 @dataclass(frozen=True)
 class Row:
-    """A student run and the teacher it distils from (None: no teacher, or pretrained hub weights)."""
+    """A student run and the teacher it distils from.
+
+    ``teacher`` None: the row needs no teacher, or (``hub_teacher``) its config loads pretrained hub
+    weights; ``--teacher-ckpt ROW=PATH`` then loads a local file instead (``pretrained`` turned off).
+    """
 
     name: str
     student: Run
     teacher: Teacher | None = None
+    hub_teacher: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ def _cifar_baselines() -> Table:
 
 
 def _imagenet_table(strategy: str) -> Table:
-    rows = tuple(Row(r, Run(f"imagenet/{strategy}_{r}.yaml")) for r in IMAGENET_ROWS[strategy])
+    rows = tuple(Row(r, Run(f"imagenet/{strategy}_{r}.yaml"), hub_teacher=True) for r in IMAGENET_ROWS[strategy])
     return Table(f"imagenet-{strategy}", f"ImageNet, DIST, training strategy {strategy.upper()}", rows,
                  "teachers use pretrained hub weights (teacher.kwargs.pretrained); set data.root")
 
@@ -173,7 +178,8 @@ class RowResult:
 
 def parse_teacher_checkpoints(items: Sequence[str], table: Table) -> dict[str, str]:
     """``["ROW=PATH", "KEY=PATH"]`` -> ``{row or teacher key: path}``, checked against ``table``."""
-    known = {r.name for r in table.rows} | {r.teacher.key for r in table.rows if r.teacher}
+    with_teacher = [r for r in table.rows if r.teacher or r.hub_teacher]
+    known = {r.name for r in with_teacher} | {r.teacher.key for r in with_teacher if r.teacher}
     out = {}
     for item in items:
         key, sep, path = item.partition("=")
@@ -181,7 +187,8 @@ def parse_teacher_checkpoints(items: Sequence[str], table: Table) -> dict[str, s
             raise ConfigError(f"--teacher-ckpt '{item}' is not ROW=PATH (e.g. resnet56-resnet20=teacher.pt)")
         if key not in known:
             raise UnknownNameError(f"--teacher-ckpt: table '{table.name}' has no row or teacher '{key}'"
-                                   f"{nearest(key, sorted(known))}; rows: {', '.join(r.name for r in table.rows)}")
+                                   f"{nearest(key, sorted(known))}; rows with a teacher: "
+                                   f"{', '.join(r.name for r in with_teacher) or 'none'}")
         out[key] = path
     return out
 
@@ -200,7 +207,9 @@ def plan(table: Table, rows: Sequence[str] | None, seeds: int, out: Path, overri
     trained: set[str] = set()
     for row in chosen:
         teacher_opts: tuple[str, ...] = ()
-        if row.teacher is not None:
+        if row.hub_teacher and row.name in ckpts:
+            teacher_opts = (f"teacher.checkpoint={ckpts[row.name]}", "teacher.kwargs.pretrained=false")
+        elif row.teacher is not None:
             given = ckpts.get(row.name, ckpts.get(row.teacher.key))
             if given is None:
                 folder = out / "teachers"
