@@ -176,3 +176,12 @@ def test_aspp_rates_are_configurable() -> None:
     model = create_model("seg_deeplabv3_tiny", num_classes=3, aspp_rates=(2, 4, 6))
     assert [b[0].dilation[0] for b in model.head.context.branches[1:4]] == [2, 4, 6]
     assert model(torch.randn(2, 3, 32, 32))["out"].shape == (2, 3, 4, 4)
+
+
+def test_unknown_head_or_backbone_names_raise_unknown_name_errors() -> None:
+    with pytest.raises(UnknownNameError, match="deeplabv3, pspnet"):
+        seg.build_segmentation_net("fcn", "resnet18", num_classes=3)
+    with pytest.raises(UnknownNameError, match="resnet101"):
+        seg.build_segmentation_net("pspnet", "resnet7", num_classes=3)
+    with pytest.raises(ConfigError, match="num_classes"):
+        create_model("seg_pspnet_tiny", num_classes=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distkd.errors import CheckpointError, ConfigError
+from distkd.errors import CheckpointError, ConfigError, UnknownNameError
 
 
 class BasicBlock(nn.Module):
@@ -128,6 +128,8 @@ class DilatedResNet(nn.Module):
 def dilated_resnet(arch: str, in_chans: int = 3, base_width: int = 64,
                    layers: tuple[int, int, int, int] | None = None, output_stride: int = 8) -> DilatedResNet:
     """The dilated ``arch`` (resnet18/34/50/101), optionally with other per-stage block counts."""
+    if arch not in ARCHS:
+        raise UnknownNameError(f"unknown dilated backbone '{arch}'; known: {', '.join(ARCHS)}")
     block, default_layers = ARCHS[arch]
     return DilatedResNet(block, layers or default_layers, in_chans, base_width, output_stride)
 

@@ -162,6 +162,8 @@ def build_segmentation_net(head: str, arch: str, num_classes: int, in_chans: int
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    if head not in HEADS:
+        raise UnknownNameError(f"unknown segmentation head '{head}'; known: {', '.join(HEADS)}")
     layers = tuple(layers) if layers is not None else None  # type: ignore[assignment]
     backbone = dilated_resnet(arch, in_chans, base_width, layers, output_stride)
     if backbone_weights is not None:
@@ -174,9 +176,8 @@ def build_segmentation_net(head: str, arch: str, num_classes: int, in_chans: int
     c4 = backbone.c4_channels
     width = head_width or (c4 // 4 if c4 == 8 * base_width else c4 // 8)
     aux_head = FCNHead(backbone.c3_channels, num_classes) if aux else None
-    main = DeepLabHead(c4, width, num_classes, tuple(aspp_rates)) if head == "deeplabv3" else PSPHead(
-        c4, width, num_classes)
-    return SegmentationNet(backbone, main, aux_head)
+    context = {"rates": tuple(aspp_rates)} if head == "deeplabv3" else {}
+    return SegmentationNet(backbone, HEADS[head](c4, width, num_classes, **context), aux_head)
 
 
 def _register_dilated() -> None:
