@@ -186,3 +186,13 @@ def test_bad_label_files_raise_data_errors(tmp_path) -> None:
     Image.new("P", (W, H + 2)).save(tmp_path / "SegmentationClass/2008_000001.png")
     with pytest.raises(DataError, match="same size"):
         voc(tmp_path, "val", EvalTransform())[0]
+
+
+def test_loader_workers_do_not_change_the_augmented_items(tmp_path) -> None:
+    write_cityscapes(tmp_path)
+    data = cityscapes(tmp_path, "train", TrainTransform(crop_size=(16, 24)), seed=2)
+    direct = [data[i] for i in range(len(data))]
+    loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=2)
+    images, labels = next(iter(loader))
+    assert torch.equal(images, torch.stack([x for x, _ in direct]))
+    assert torch.equal(labels, torch.stack([y for _, y in direct]))

@@ -23,6 +23,8 @@ from distkd.errors import DataError
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CITYSCAPES_CROP = (512, 1024)  # training crop (H, W) of the DIST/CIRKD Cityscapes recipe
+VOC_CROP = (512, 512)
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
