@@ -129,6 +129,11 @@ def test_resume_drops_records_written_after_the_last_checkpoint(tmp_path: Path) 
         f.write(json.dumps({"epoch": 2, "val/top1": -1.0}) + "\n" + '{"epoch": 3, "val/to')
     with SummaryWriter(str(tmp_path / "tensorboard")) as writer:
         writer.add_scalar("val/top1", -1.0, 2)
+    # TensorBoard reads event files in name order: creation second, then a per-process counter. Processes
+    # started one after the other get ordered names; in this one process, give the old files older names.
+    old = sorted((tmp_path / "tensorboard").iterdir(), key=lambda path: path.stat().st_mtime_ns)
+    for index, path in enumerate(old):
+        path.rename(path.with_name(f"events.out.tfevents.{index:010d}.earlier"))
     Trainer(tiny_config(epochs=2), tiny_setup(teacher=True), torch.device("cpu"), tmp_path).fit(resume=True)
     lines = records(tmp_path)
     assert [r["epoch"] for r in lines] == [0, 1, 2]  # the teacher's line once, each epoch once
