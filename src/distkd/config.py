@@ -118,6 +118,18 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherCacheConfig:
+    """Teacher-output cache: ``views`` > 0 precomputes the teacher's logits for that many seeded augmented
+    views of every training sample (in-memory datasets, logits-only terms) so the teacher never runs while
+    training. ``dir`` defaults to ``<run_dir>/teacher_cache``; runs sharing a teacher may share a dir. ``seed``
+    draws the views (apart from the run's seed, so students of several seeds share one cache)."""
+
+    views: int = field(default=0, metadata=_check(0))
+    dir: str | None = None
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     """Everything one ``distkd train`` run needs. ``teacher`` is None when training a teacher/baseline."""
 
@@ -129,6 +141,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig | None = None
     loss: LossConfig = field(default_factory=LossConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

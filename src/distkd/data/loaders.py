@@ -86,6 +86,7 @@ class TensorLoader:
         self.epoch = 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.dtype = dtype
+        self.mean, self.std = tuple(mean), tuple(std)
         self.images = images.to(device).contiguous()
         self.labels = labels.to(device)
         std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, channels, 1, 1)
@@ -151,9 +152,9 @@ class TensorLoader:
                 x = augment.apply(x, params[batch])
                 if dense:
                     y = augment.apply_dense(y, params[batch], IGNORE_INDEX)
-            yield self._normalise(x), y.long()
+            yield self.normalise(x), y.long()
 
-    def _normalise(self, x: Tensor) -> Tensor:
+    def normalise(self, x: Tensor) -> Tensor:
         """uint8 (B, C, H, W) -> ``dtype`` (B, C, H, W) in the requested memory format, normalised."""
         return x.to(self.dtype, memory_format=self.memory_format).mul_(self._scale).add_(self._shift)
 

@@ -76,6 +76,11 @@ class Distiller(nn.Module):
     def _tapped(self, attr: str) -> list[str]:
         return sorted({getattr(t, attr) for t in self.terms} - {LOGITS, "out", "aux"})
 
+    @torch.no_grad()
+    def run_teacher(self, x: Tensor) -> Any:
+        """The teacher's output for the student's input batch ``x`` (re-normalised when configured)."""
+        return self.teacher(self.teacher_input(x) if self.teacher_input else x)
+
     def train(self, mode: bool = True) -> Distiller:
         """Switch the student (and losses) to ``mode``; the teacher always stays in eval mode."""
         super().train(mode)
@@ -83,16 +88,19 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
-    def forward(self, x: Tensor, target: Tensor, epoch: int = 0) -> StepOutput:
-        """x: the student's input batch (N, ...); target: labels (N,) / (N, K) soft / (N, H, W) dense."""
+    def forward(self, x: Tensor, target: Tensor, epoch: int = 0, teacher_output: Tensor | None = None) -> StepOutput:
+        """x: the student's input batch (N, ...); target: labels (N,) / (N, K) soft / (N, H, W) dense.
+
+        ``teacher_output``: the teacher's logits for ``x`` when they come from a cache (the teacher is not run).
+        """
         output = self.student(x)
         losses: dict[str, Tensor] = {}
         if self.task_loss is not None and self.task_weight > 0:
             losses["ce"] = self.task_weight * self.task_loss(output, target)
         parts: dict[str, Tensor] = {}
         if self.teacher is not None and self.terms:
-            with torch.no_grad():
-                teacher_output = self.teacher(self.teacher_input(x) if self.teacher_input else x)
+            if teacher_output is None:
+                teacher_output = self.run_teacher(x)
             context = {"target": target, "epoch": epoch}
             if self.context_fn is not None:
                 context.update(self.context_fn(output, target))

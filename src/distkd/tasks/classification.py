@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,13 +14,14 @@ from distkd.data.base import InMemoryData
 from distkd.data.loaders import TensorLoader
 from distkd.distill import Distiller, Term, logits_of
 from distkd.distill.renormalize import Renormalize
+from distkd.distill.teacher_cache import CachedViewLoader, TeacherCache, dataset_digest
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader, TrainSetup
 from distkd.errors import ConfigError, UnknownNameError
 from distkd.losses import build_loss
 from distkd.models import create_model
 from distkd.models.adapters import input_stats
-from distkd.models.weights import load_weights
+from distkd.models.weights import load_weights, weights_sha256
 from distkd.registry import nearest
 
 DATASETS = ("silhouettes", "cifar10", "cifar100", "imagefolder")
@@ -110,7 +113,41 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
         teacher_input=_teacher_input(data, teacher),
     )
     _check_input(student, val, "model")
+    if cfg.teacher_cache.views > 0:
+        train = _cached(cfg, distiller, train, device)
     return TrainSetup(distiller, train, val, test, evaluate, metric="top1")
+
+
+def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.device) -> CachedViewLoader:
+    """Replace the training loader by one replaying cached teacher logits (built here when missing)."""
+    if distiller.teacher is None:
+        raise ConfigError("teacher_cache.views > 0 needs a teacher; set teacher_cache.views=0 to train without")
+    if not isinstance(train, TensorLoader) or train.augment is None:
+        raise ConfigError("teacher_cache works with in-memory datasets (silhouettes, cifar10/100) with augmentation")
+    if any(t.teacher != "logits" for t in cfg.loss.distill):
+        raise ConfigError("teacher_cache stores logits only; every loss.distill term needs teacher: logits")
+    teacher = distiller.teacher.to(device)
+    if cfg.train.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    if distiller.teacher_input is not None:
+        distiller.teacher_input.to(device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+
+    def teacher_fn(x: Tensor) -> Tensor:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return logits_of(distiller.run_teacher(x))
+
+    record = {
+        "teacher": cfg.teacher.name, "teacher_kwargs": cfg.teacher.kwargs,
+        "teacher_sha256": weights_sha256(cfg.teacher.checkpoint), "dataset": cfg.data.name,
+        "data_blake2b": dataset_digest(train.images, train.labels),
+        "augment": {"padding": train.augment.padding, "flip": train.augment.flip},
+        "normalise": {"mean": list(train.mean), "std": list(train.std)}, "amp": cfg.train.amp,
+        "views": cfg.teacher_cache.views, "seed": cfg.teacher_cache.seed,
+    }
+    directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
+    cache = TeacherCache.open_or_build(directory, record, teacher_fn, train, cfg.data.eval_batch_size)
+    return CachedViewLoader(train, cache)
 
 
 def _term_name(index: int, loss: str, cfg: RunConfig) -> str:
