@@ -10,6 +10,7 @@ from timm.optim import RMSpropTF
 from torch import nn
 
 from distkd.config import OptimConfig, ScheduleConfig
+from distkd.errors import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
@@ -25,6 +26,8 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
     if cfg.name == "sgd":
+        if cfg.nesterov and cfg.momentum == 0:
+            raise ConfigError("optim.nesterov=true needs optim.momentum > 0; set optim.momentum=0.9 or nesterov=false")
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
