@@ -10,6 +10,7 @@ from timm.optim import RMSpropTF
 
 from distkd.config import OptimConfig, ScheduleConfig
 from distkd.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from distkd.errors import ConfigError
 from distkd.models import create_model
 
 
@@ -107,3 +108,8 @@ def test_each_optimizer_builds_with_its_settings_and_steps(name: str, kind: type
     optimizer.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_nesterov_without_momentum_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
+        build_optimizer(torch.nn.Linear(2, 2), OptimConfig(nesterov=True, momentum=0.0))
