@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from timm.optim import RMSpropTF
 from torch import nn
 
 from distkd.config import OptimConfig, ScheduleConfig
@@ -31,6 +30,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    from timm.optim import RMSpropTF  # importing timm costs seconds; only this optimizer needs it
+
     return RMSpropTF(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps)
 
 
