@@ -1,4 +1,4 @@
-"""The ``distkd`` command line: train, eval, demo, models, configs, reproduce.
+"""The ``distkd`` command line: train, eval, demo, models, configs, reproduce, bench.
 
 Errors distkd raises on purpose are printed as one line (``error: ...``) with exit status 2.
 """
@@ -87,6 +87,19 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(reproduce(args.table, args.rows, args.seeds, args.out, args.set, args.teacher_ckpt))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from distkd.bench import BenchConfig, format_result, parse_input, run_bench
+
+    cfg = BenchConfig(
+        teacher=args.teacher, student=args.student, input=parse_input(args.input), batch=args.batch,
+        steps=args.steps, warmup=args.warmup, repeats=args.repeats, classes=args.classes, amp=args.amp,
+        channels_last=args.channels_last, compile=args.compile, teacher_mode=args.teacher_mode,
+        device=args.device, threads=args.threads,
+    )
+    result = run_bench(cfg)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distkd", description="Knowledge distillation from a stronger teacher.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -124,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--dry-run", action="store_true", help="print the equivalent `distkd train` commands")
     p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("bench", help="images/s of the student step, teacher forward, distill step, cached distill")
+    p.add_argument("--teacher", required=True, help="teacher model name (see `distkd models`)")
+    p.add_argument("--student", required=True, help="student model name")
+    p.add_argument("--input", default="3x32x32", help="one image's CxHxW (default 3x32x32)")
+    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
+    p.add_argument("--classes", type=int, default=100, help="number of classes (default 100)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (default none)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (default on)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    p.add_argument("--teacher-mode", choices=("inference", "no_grad"), default="inference",
+                   help="the teacher's grad mode (default inference)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_bench)
     return parser
 
 

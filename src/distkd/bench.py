@@ -1,0 +1,313 @@
+"""``distkd bench``: how much a distillation step costs next to its parts, measured in one process and run.
+
+Four steps are timed on random inputs ``(B, C, H, W)`` with random labels, interleaved round-robin so that
+load on a shared machine affects them alike:
+
+- ``student``: the student's training step alone (Distiller without teacher: forward, CE, backward, SGD step);
+- ``teacher``: the teacher's forward pass (eval mode, ``torch.inference_mode`` or ``torch.no_grad``);
+- ``distill``: the distillation step with a live teacher (Distiller with a DIST term: teacher forward,
+  student forward, CE + DIST, backward, SGD step);
+- ``cached``: the same step with the teacher's logits precomputed (as the teacher-output cache replays them).
+
+Each figure is the median over ``repeats`` timed blocks of ``steps`` steps, after ``warmup`` steps of each.
+The ratios compare times per image: ``distill / (student + teacher)`` is 1.0 when the distillation step costs
+exactly the sum of its parts; ``cached / student`` is 1.0 when cached distillation costs what training the
+student alone does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distkd.config import OptimConfig
+from distkd.distill import Distiller, Term
+from distkd.engine.optim import build_optimizer
+from distkd.errors import ConfigError
+from distkd.losses import build_loss
+from distkd.models import create_model
+
+STEPS = ("student", "teacher", "distill", "cached")
+LABELS = {
+    "student": "student train step",
+    "teacher": "teacher forward",
+    "distill": "distill step (live teacher)",
+    "cached": "distill step (cached logits)",
+}
+POOL = 4  # distinct random batches cycled through, so no step sees the very same tensor twice in a row
+
+
+@dataclass
+class BenchConfig:
+    """What ``distkd bench`` measures; ``input`` is one image's (C, H, W)."""
+
+    teacher: str
+    student: str
+    input: tuple[int, int, int] = (3, 32, 32)
+    batch: int = 64
+    steps: int = 10
+    warmup: int = 3
+    repeats: int = 5
+    classes: int = 100
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = True
+    compile: bool = False
+    teacher_mode: Literal["inference", "no_grad"] = "inference"
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+
+
+def parse_input(text: str) -> tuple[int, int, int]:
+    """``"3x32x32"`` -> ``(3, 32, 32)``; anything else is a one-line ConfigError."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--input must be CxHxW with positive integers, e.g. 3x32x32; got '{text}'")
+    c, h, w = (int(p) for p in parts)
+    return c, h, w
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure the four steps of ``cfg``; return a JSON-ready dict (machine, settings, images/s, ratios)."""
+    _check(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
+    info = machine(device)
+    torch.manual_seed(cfg.seed)
+    student = _model(cfg.student, cfg, "student").to(device)
+    teacher = _model(cfg.teacher, cfg, "teacher").to(device)
+    if cfg.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+    teacher.eval().requires_grad_(False)
+    run_student: nn.Module = torch.compile(student) if cfg.compile else student
+    fwd_teacher: nn.Module = torch.compile(teacher) if cfg.compile else teacher
+    live_teacher = InferenceTeacher(fwd_teacher) if cfg.teacher_mode == "inference" else fwd_teacher
+
+    batches = _batches(cfg, device)
+    with torch.no_grad(), _autocast(device, cfg.amp):  # float32 logits, as the cache loader yields them
+        cached_logits = [teacher(x).float() for x, _ in batches]
+
+    def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output.float(), target)
+
+    dist = build_loss("dist", beta=1.0, gamma=1.0, tau=4.0)
+    alone = Distiller(run_student, None, task_loss=cross_entropy)
+    distiller = Distiller(run_student, live_teacher, [Term("dist", dist, 2.0)], task_loss=cross_entropy)
+    alone.train()
+    distiller.train()
+    optimizer = build_optimizer(student, OptimConfig(lr=0.01))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    def train_step(model: Distiller, i: int, cached: bool) -> None:
+        x, y = batches[i % POOL]
+        with _autocast(device, cfg.amp):
+            step = model(x, y, 0, cached_logits[i % POOL] if cached else None)
+        loss = sum(step.losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def teacher_step(i: int) -> None:
+        grad_mode = torch.inference_mode() if cfg.teacher_mode == "inference" else torch.no_grad()
+        with grad_mode, _autocast(device, cfg.amp):
+            fwd_teacher(batches[i % POOL][0])
+
+    steps: dict[str, Callable[[int], None]] = {
+        "student": lambda i: train_step(alone, i, cached=False),
+        "teacher": teacher_step,
+        "distill": lambda i: train_step(distiller, i, cached=False),
+        "cached": lambda i: train_step(distiller, i, cached=True),
+    }
+    seconds = _time_steps(steps, cfg, device)
+    per_image = {k: statistics.median(v) / (cfg.steps * cfg.batch) for k, v in seconds.items()}
+    info["load_average_end"] = _loadavg()
+    result = {
+        "settings": asdict(cfg) | {"input": "x".join(map(str, cfg.input))},
+        "machine": info,
+        "images_per_s": {k: 1.0 / v for k, v in per_image.items()},
+        "ms_per_step": {k: 1000.0 * v * cfg.batch for k, v in per_image.items()},
+        "repeat_seconds": seconds,
+        "ratios": {
+            "distill_over_parts": per_image["distill"] / (per_image["student"] + per_image["teacher"]),
+            "cached_over_student": per_image["cached"] / per_image["student"],
+            "distill_over_cached": per_image["distill"] / per_image["cached"],
+        },
+    }
+    return result
+
+
+class InferenceTeacher(nn.Module):
+    """Runs ``model`` under ``torch.inference_mode`` and returns ordinary tensors the loss can use.
+
+    (N, ...) -> (N, classes); the clone is made outside inference mode, so autograd may read the output.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            out = self.model(x)
+        return out.clone()
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on: CPU model and count, device, torch version and threads, load."""
+    return {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "load_average_start": _loadavg(),
+        "time_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The human-readable table ``distkd bench`` prints."""
+    s, m = result["settings"], result["machine"]
+    lines = [
+        f"distkd bench: {s['teacher']} -> {s['student']}, input {s['input']}, batch {s['batch']}, "
+        f"{s['classes']} classes; {s['repeats']} repeats x {s['steps']} steps after {s['warmup']} warm-up steps",
+        f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs); device {m['device']} ({m['device_name']}); "
+        f"torch {m['torch']}, {m['threads']} threads; load average {_load(m)}",
+        f"settings: amp {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}, "
+        f"teacher {s['teacher_mode']}",
+        "",
+        f"{'step':<32}{'images/s':>12}{'ms/step':>10}",
+    ]
+    for key in STEPS:
+        lines.append(f"{LABELS[key]:<32}{result['images_per_s'][key]:>12.1f}{result['ms_per_step'][key]:>10.2f}")
+    r = result["ratios"]
+    lines += [
+        "",
+        "time ratios (per image):",
+        f"  distill / (student + teacher) = {r['distill_over_parts']:.3f}  (1.0: the step costs exactly its parts)",
+        f"  cached distill / student      = {r['cached_over_student']:.3f}  (1.0: as fast as the student alone)",
+        f"  live / cached distill         = {r['distill_over_cached']:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check(cfg: BenchConfig) -> None:
+    for name in ("batch", "steps", "repeats", "classes"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if cfg.batch < 2:
+        raise ConfigError("--batch must be >= 2 (DIST's intra-class term correlates over the batch)")
+
+
+def _device(kind: str) -> torch.device:
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got '{kind}'")
+    return torch.device(kind)
+
+
+def _model(name: str, cfg: BenchConfig, role: str) -> nn.Module:
+    """Create ``name`` for ``cfg.classes`` classes taking ``cfg.input`` images (in_chans set when it must be)."""
+    x = torch.zeros(2, *cfg.input)
+    model = create_model(name, num_classes=cfg.classes)
+    if _accepts(model, x):
+        return model
+    with contextlib.suppress(ConfigError):
+        model = create_model(name, num_classes=cfg.classes, in_chans=cfg.input[0])
+        if _accepts(model, x):
+            return model
+    raise ConfigError(f"the {role} '{name}' cannot take inputs of shape {cfg.input}; pick another --input or model")
+
+
+def _accepts(model: nn.Module, x: Tensor) -> bool:
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError:
+        return False
+    finally:
+        model.train()
+    return isinstance(out, Tensor) and out.dim() == 2
+
+
+def _batches(cfg: BenchConfig, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """POOL random batches: x float (B, C, H, W) standard normal, y int64 (B,) labels, on ``device``."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    out = []
+    for _ in range(POOL):
+        x = torch.randn(cfg.batch, *cfg.input, generator=gen).to(device, memory_format=memory_format)
+        y = torch.randint(cfg.classes, (cfg.batch,), generator=gen).to(device)
+        out.append((x, y))
+    return out
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _time_steps(steps: dict[str, Callable[[int], None]], cfg: BenchConfig, device: torch.device) -> dict[str, list]:
+    """Warm every step up, then time ``repeats`` blocks of ``steps`` calls each, round-robin over the steps."""
+    for fn in steps.values():
+        for i in range(cfg.warmup):
+            fn(i)
+    _sync(device)
+    seconds: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(cfg.repeats):
+        for key, fn in steps.items():
+            start = time.perf_counter()
+            for i in range(cfg.steps):
+                fn(i)
+            _sync(device)
+            seconds[key].append(time.perf_counter() - start)
+    return seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _loadavg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _load(m: dict[str, Any]) -> str:
+    start, end = m["load_average_start"], m.get("load_average_end")
+    if start is None:
+        return "n/a"
+    text = "/".join(f"{v:.2f}" for v in start)
+    return text if end is None else f"{text} at start, {'/'.join(f'{v:.2f}' for v in end)} at end"
