@@ -1,4 +1,4 @@
-"""Time forward+backward of DIST, KD and DKD and measure DIST's peak extra memory.
+"""Time forward+backward of DIST, KD and DKD and measure the peak extra memory of DIST and KD.
 
 Usage: ``python benchmarks/bench_losses.py [--device cpu|cuda] [--repeats 9] [--threads 2]``.
 
@@ -7,7 +7,7 @@ segmentation), plus the dense shape with a mask dropping ~10% of the positions. 
 every loss once, round-robin, so the DIST/KD ratio compares runs taken under the same load; the
 table reports medians over the repeats.
 
-Peak extra memory of one DIST forward+backward, relative to the bytes of the student logits:
+Peak extra memory of one DIST (and KD) forward+backward, relative to the bytes of the student logits:
 
 - CPU: the CPU allocator's allocation and free events recorded by ``torch.profiler``
   (``profile_memory=True``), summed in time order; the peak of that running sum.
@@ -102,8 +102,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, {device.type} ({name}), threads={torch.get_num_threads()}")
     print(f"# median of {args.repeats} forward+backward runs, round-robin; times in ms")
-    print("| shape | DIST | KD | DKD | DIST/KD | DIST peak extra / input |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | DIST | KD | DKD | DIST/KD | peak extra / input: DIST | KD |")
+    print("|---|---|---|---|---|---|---|")
     measure = timer(device)
     for label, (shape, masked) in SHAPES.items():
         inputs = make_inputs(shape, masked, device)
@@ -115,10 +115,11 @@ def main() -> None:
                 times[key].append(measure(partial(step, loss, inputs)))
         median = {key: 1e3 * statistics.median(values) for key, values in times.items()}
         input_bytes = inputs["student"].numel() * inputs["student"].element_size()
-        peak = peak_extra_bytes(partial(step, losses["DIST"], inputs), device)
+        peak = {key: peak_extra_bytes(partial(step, losses[key], inputs), device) for key in ("DIST", "KD")}
         print(
             f"| {label} | {median['DIST']:.2f} | {median['KD']:.2f} | {median['DKD']:.2f} "
-            f"| {median['DIST'] / median['KD']:.2f} | {peak / input_bytes:.1f} |"
+            f"| {median['DIST'] / median['KD']:.2f} | {peak['DIST'] / input_bytes:.1f} "
+            f"| {peak['KD'] / input_bytes:.1f} |"
         )
 
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 EPS = 1e-8
-CPU_CHUNK_ELEMENTS = 1 << 17
+CPU_CHUNK_ELEMENTS = 1 << 18
 
 
 def _world_size() -> int:
@@ -124,7 +124,10 @@ class _RelationTerms(torch.autograd.Function):
         for start, length in spans:
             y_s = _activate(z_s.narrow(dim, start, length), tau, sigmoid)
             y_t = _activate(z_t.narrow(dim, start, length), tau, sigmoid)
-            mean_s, mean_t = y_s.mean(1, keepdim=True), y_t.mean(1, keepdim=True)
+            if sigmoid:
+                mean_s, mean_t = y_s.mean(1, keepdim=True), y_t.mean(1, keepdim=True)
+            else:  # a softmax row sums to 1: its mean is 1 / C
+                mean_s = mean_t = y_s.new_full((y_s.shape[0], 1, y_s.shape[2]), 1.0 / num_classes)
             moments = _centred_moments(y_s, y_t, mean_s, mean_t, None, dim=1, keepdim=True)
             row_stats.append(torch.cat([mean_s, mean_t, *moments], 1))
             w = part(weights, start, length)
