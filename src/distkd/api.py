@@ -13,7 +13,8 @@ from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state
 from distkd.engine.trainer import Trainer, seed_everything
 from distkd.errors import CheckpointError, ConfigError
-from distkd.tasks import classification
+from distkd.tasks import get_task
+from distkd.tasks.common import build_model
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
@@ -27,21 +28,22 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or set name=... for a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed + distributed.rank())
-    setup = classification.build(cfg, device)
+    setup = get_task(cfg.task).build(cfg, device)
     return Trainer(cfg, setup, device, run_dir).fit(resume=resume)
 
 
 def evaluate_checkpoint(path: str | Path, split: str = "val") -> dict[str, float]:
-    """Top-1/top-5 of the weights in a distkd checkpoint (best.pt or last.pt) on ``split`` of its dataset."""
+    """The task's metrics (top-1/top-5, or mIoU) of a distkd checkpoint (best.pt or last.pt) on ``split``."""
     state = load_state(Path(path))
     cfg = from_dict(RunConfig, state["config"])
     cfg = dataclasses.replace(cfg, teacher=None, loss=dataclasses.replace(cfg.loss, distill=[]))
     device = _device(cfg.train)
-    data = classification.load_dataset(cfg.data, cfg.seed)
-    loaders = dict(zip(("train", "val", "test"), classification.build_loaders(cfg, data, device), strict=True))
+    task = get_task(cfg.task)
+    data = task.load_dataset(cfg.data, cfg.seed)
+    loaders = dict(zip(("train", "val", "test"), task.build_loaders(cfg, data, device), strict=True))
     if loaders.get(split) is None:
         raise ConfigError(f"dataset '{cfg.data.name}' has no '{split}' split; use --split val")
-    model = classification.build_model(cfg.model, data.num_classes, "model")
+    model = build_model(cfg.model, data.num_classes, "model")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -49,7 +51,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "val") -> dict[str, float
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return classification.evaluate(model, loaders[split])
+    return task.evaluate(model, loaders[split])
 
 
 def _check_same_config(cfg: RunConfig, last: Path) -> None:

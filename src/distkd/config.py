@@ -57,11 +57,14 @@ class LossConfig:
     ce_weight: float = field(default=1.0, metadata=_check(0))
     label_smoothing: float = field(default=0.0, metadata=_check(0, 1))
     distill: list[TermConfig] = field(default_factory=list)
+    aux_weight: float = field(default=0.4, metadata=_check(0))  # segmentation: weight of the aux-head CE
+    mask_ignore: bool = False  # segmentation: keep ignore-label (255) pixels out of the distillation terms
 
 
 @dataclass
 class DataConfig:
-    """Dataset and loading. ``name``: silhouettes, cifar10, cifar100, imagefolder (see ``distkd.data``)."""
+    """Dataset and loading. ``name``: silhouettes, cifar10, cifar100, imagefolder (classification);
+    scenes, cityscapes, voc (segmentation)."""
 
     name: str = "silhouettes"
     root: str | None = None
@@ -71,6 +74,7 @@ class DataConfig:
     eval_batch_size: int = field(default=512, metadata=_check(1))
     crop_padding: int = field(default=2, metadata=_check(0))
     flip: bool = True
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra reader arguments (e.g. scene counts)
     preset: str = "b1"
     image_size: int = field(default=224, metadata=_check(1))
     num_workers: int = field(default=4, metadata=_check(0))
@@ -133,7 +137,7 @@ class TeacherCacheConfig:
 class RunConfig:
     """Everything one ``distkd train`` run needs. ``teacher`` is None when training a teacher/baseline."""
 
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation"] = "classification"
     name: str = "run"
     out_dir: str = "runs"
     seed: int = 0

@@ -225,6 +225,8 @@ class FileLoader:
         """Select the epoch whose order and augmentation the next iteration yields."""
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):  # datasets that seed their own augmentation per epoch
+            self.dataset.set_epoch(epoch)
 
     @property
     def num_samples(self) -> int:

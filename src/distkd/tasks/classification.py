@@ -8,21 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distkd.config import DataConfig, ModelConfig, RunConfig
+from distkd.config import DataConfig, RunConfig
 from distkd.data.augment import CropFlip
 from distkd.data.base import InMemoryData
 from distkd.data.loaders import TensorLoader
-from distkd.distill import Distiller, Term, logits_of
+from distkd.distill import Distiller, logits_of
 from distkd.distill.renormalize import Renormalize
 from distkd.distill.teacher_cache import CachedViewLoader, TeacherCache, dataset_digest
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader, TrainSetup
 from distkd.errors import ConfigError, UnknownNameError
-from distkd.losses import build_loss
-from distkd.models import create_model
 from distkd.models.adapters import input_stats
-from distkd.models.weights import load_weights, weights_sha256
+from distkd.models.weights import weights_sha256
 from distkd.registry import nearest
+from distkd.tasks.common import build_model, build_teacher_and_terms, check_input
 
 DATASETS = ("silhouettes", "cifar10", "cifar100", "imagefolder")
 
@@ -77,32 +76,13 @@ def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, L
     return make(data.train, True), make(data.val, False), test
 
 
-def build_model(cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
-    """Create ``cfg.name`` and, when ``cfg.checkpoint`` is set, load its weights strictly."""
-    model = create_model(cfg.name, num_classes=num_classes, **cfg.kwargs)
-    if cfg.checkpoint is not None:
-        load_weights(model, cfg.checkpoint)
-    elif role == "teacher":
-        raise ConfigError(
-            "teacher.checkpoint is required: train the teacher first (distkd train with no teacher) and pass "
-            "teacher.checkpoint=RUN_DIR/checkpoints/best.pt"
-        )
-    return model
-
 
 def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     """Everything the trainer needs for a classification run described by ``cfg``."""
     data = load_dataset(cfg.data, cfg.seed)
     train, val, test = build_loaders(cfg, data, device)
     student = build_model(cfg.model, data.num_classes, "student")
-    teacher = build_model(cfg.teacher, data.num_classes, "teacher") if cfg.teacher is not None else None
-    if cfg.loss.distill and teacher is None:
-        raise ConfigError("loss.distill has terms but no teacher is configured; set teacher.name and "
-                          "teacher.checkpoint, or remove loss.distill")
-    terms = [
-        Term(_term_name(i, t.loss, cfg), build_loss(t.loss, **t.kwargs), t.weight, t.student, t.teacher)
-        for i, t in enumerate(cfg.loss.distill)
-    ]
+    teacher, terms = build_teacher_and_terms(cfg, data.num_classes)
     smoothing = cfg.loss.label_smoothing
 
     def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
@@ -112,7 +92,7 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
         student, teacher, terms, task_loss=cross_entropy, task_weight=cfg.loss.ce_weight,
         teacher_input=_teacher_input(data, teacher),
     )
-    _check_input(student, val, "model")
+    check_input(student, val, "model")
     if cfg.teacher_cache.views > 0:
         train = _cached(cfg, distiller, train, device)
     return TrainSetup(distiller, train, val, test, evaluate, metric="top1")
@@ -150,10 +130,6 @@ def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.d
     return CachedViewLoader(train, cache)
 
 
-def _term_name(index: int, loss: str, cfg: RunConfig) -> str:
-    same = [t.loss for t in cfg.loss.distill].count(loss)
-    return loss if same == 1 else f"{loss}{index}"
-
 
 def _teacher_input(data, teacher: nn.Module | None) -> Renormalize | None:  # noqa: ANN001
     """Re-normalise the student's input for a teacher that expects other mean/std (as timm's distillation)."""
@@ -164,22 +140,6 @@ def _teacher_input(data, teacher: nn.Module | None) -> Renormalize | None:  # no
         return None
     return Renormalize(data.mean, data.std, *stats)
 
-
-def _check_input(model: nn.Module, loader: Loader, role: str) -> None:
-    """Fail early, in one line, when the model cannot take the dataset's images (e.g. wrong in_chans)."""
-    x, _ = next(iter(loader))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x[:2])
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"{role} cannot take inputs of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}; "
-            f"set {role}.kwargs (e.g. in_chans={x.shape[1]}) or pick another model"
-        ) from None
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -1,0 +1,63 @@
+"""Pieces every task builds the same way: models from the config, distillation terms, an input check."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distkd.config import ModelConfig, RunConfig
+from distkd.distill import Term
+from distkd.engine.trainer import Loader
+from distkd.errors import ConfigError
+from distkd.losses import build_loss
+from distkd.models import create_model
+from distkd.models.weights import load_weights
+
+
+def build_model(cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
+    """Create ``cfg.name`` and, when ``cfg.checkpoint`` is set, load its weights strictly."""
+    model = create_model(cfg.name, num_classes=num_classes, **cfg.kwargs)
+    if cfg.checkpoint is not None:
+        load_weights(model, cfg.checkpoint)
+    elif role == "teacher":
+        raise ConfigError(
+            "teacher.checkpoint is required: train the teacher first (distkd train with no teacher) and pass "
+            "teacher.checkpoint=RUN_DIR/checkpoints/best.pt"
+        )
+    return model
+
+
+def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module | None, list[Term]]:
+    """The teacher (None without one) and the weighted distillation terms of ``cfg.loss.distill``.
+
+    A term is named after its loss (``dist``), plus the student output it reads when that is not the
+    logits (``dist_aux``, ``kd_layer3``), plus its index when two terms would share a name.
+    """
+    teacher = build_model(cfg.teacher, num_classes, "teacher") if cfg.teacher is not None else None
+    if cfg.loss.distill and teacher is None:
+        raise ConfigError("loss.distill has terms but no teacher is configured; set teacher.name and "
+                          "teacher.checkpoint, or remove loss.distill")
+    names = [t.loss if t.student == "logits" else f"{t.loss}_{t.student}" for t in cfg.loss.distill]
+    terms = [
+        Term(name if names.count(name) == 1 else f"{name}{i}", build_loss(t.loss, **t.kwargs), t.weight,
+             t.student, t.teacher)
+        for i, (name, t) in enumerate(zip(names, cfg.loss.distill, strict=True))
+    ]
+    return teacher, terms
+
+
+def check_input(model: nn.Module, loader: Loader, role: str) -> None:
+    """Fail early, in one line, when the model cannot take the dataset's images (e.g. wrong in_chans)."""
+    x = next(iter(loader))[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x[:2])
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"{role} cannot take inputs of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}; "
+            f"set {role}.kwargs (e.g. in_chans={x.shape[1]}) or pick another model"
+        ) from None
+    finally:
+        model.train(was_training)

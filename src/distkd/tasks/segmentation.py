@@ -1,0 +1,135 @@
+"""Semantic segmentation: scenes / Cityscapes / VOC, dense students and teachers, CE + aux CE, mIoU.
+
+Models return ``{"out": (N, K, h, w), "aux": (N, K, h, w)}`` at the head's resolution (H/8 for the dilated
+nets). Distillation terms compare those logits before upsampling, every pixel an instance, as the DIST
+authors do (``student: logits`` is ``out``, ``student: aux`` the auxiliary head). The task loss upsamples:
+``CE(out) + loss.aux_weight * CE(aux)`` with label 255 ignored. ``loss.mask_ignore`` also keeps ignore-label
+pixels out of the distillation terms (the authors did not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from distkd.config import DataConfig, RunConfig
+from distkd.data.augment import CropFlip
+from distkd.data.base import InMemoryData
+from distkd.data.loaders import IGNORE_INDEX, TensorLoader
+from distkd.distill import Distiller
+from distkd.engine import distributed
+from distkd.engine.trainer import Loader, TrainSetup
+from distkd.errors import ConfigError, UnknownNameError
+from distkd.metrics.segmentation import ConfusionMatrix
+from distkd.registry import nearest
+from distkd.tasks.common import build_model, build_teacher_and_terms, check_input
+
+DATASETS = ("scenes", "cityscapes", "voc")
+
+
+@dataclass(frozen=True)
+class FileSegData:
+    """Image-file datasets: ``test`` is None (Cityscapes' and VOC's test labels are not public)."""
+
+    train: Dataset
+    val: Dataset
+    test: None
+    num_classes: int
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> InMemoryData | FileSegData:
+    """The dataset ``cfg.name`` names; ``cfg.kwargs`` go to its reader (e.g. scene counts, crop size)."""
+    if cfg.name == "scenes":
+        from distkd.data.scenes import load_scenes
+
+        return load_scenes(**cfg.kwargs)
+    if cfg.name in ("cityscapes", "voc"):
+        from distkd.data import segmentation as seg
+
+        if cfg.root is None:
+            raise ConfigError(f"data.root is required for dataset '{cfg.name}'")
+        reader = seg.cityscapes if cfg.name == "cityscapes" else seg.voc
+        default_crop = seg.CITYSCAPES_CROP if cfg.name == "cityscapes" else seg.VOC_CROP
+        crop = tuple(cfg.kwargs.get("crop_size", default_crop))
+        train = reader(cfg.root, "train", seg.TrainTransform(crop), seed=seed)
+        return FileSegData(train, reader(cfg.root, "val", seg.EvalTransform(), seed=seed), None, train.num_classes)
+    raise UnknownNameError(f"unknown segmentation dataset '{cfg.name}'{nearest(cfg.name, list(DATASETS))}; "
+                           f"known: {', '.join(DATASETS)}")
+
+
+def build_loaders(cfg: RunConfig, data: InMemoryData | FileSegData,
+                  device: torch.device) -> tuple[Loader, Loader, Loader | None]:
+    """Train/val/test loaders; file datasets evaluate one full image per batch."""
+    common = {"rank": distributed.rank(), "world_size": distributed.world_size(), "seed": cfg.seed,
+              "device": device, "channels_last": cfg.train.channels_last}
+    if isinstance(data, InMemoryData):
+        def make(split, train: bool) -> TensorLoader:  # noqa: ANN001
+            return TensorLoader(
+                split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size, mean=data.mean,
+                std=data.std, shuffle=train, drop_last=train,
+                augment=CropFlip(cfg.data.crop_padding, cfg.data.flip) if train else None, **common,
+            )
+
+        test = make(data.test, False) if data.test is not None else None
+        return make(data.train, True), make(data.val, False), test
+    from distkd.data.imagefolder import FileLoader
+
+    train = FileLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                       num_workers=cfg.data.num_workers, **common)
+    val = FileLoader(data.val, batch_size=1, shuffle=False, drop_last=False, num_workers=cfg.data.num_workers,
+                     **common)
+    return train, val, None
+
+
+def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
+    """Everything the trainer needs for a segmentation run described by ``cfg``."""
+    data = load_dataset(cfg.data, cfg.seed)
+    train, val, test = build_loaders(cfg, data, device)
+    student = build_model(cfg.model, data.num_classes, "model")
+    teacher, terms = build_teacher_and_terms(cfg, data.num_classes)
+    aux_weight = cfg.loss.aux_weight
+
+    def task_loss(output: dict[str, Tensor], target: Tensor) -> Tensor:
+        loss = _upsampled_ce(output["out"], target)
+        if "aux" in output and aux_weight > 0:
+            loss = loss + aux_weight * _upsampled_ce(output["aux"], target)
+        return loss
+
+    distiller = Distiller(student, teacher, terms, task_loss=task_loss, task_weight=cfg.loss.ce_weight,
+                          context_fn=ignore_mask if cfg.loss.mask_ignore else None)
+    check_input(student, val, "model")
+    return TrainSetup(distiller, train, val, test, evaluate, metric="miou")
+
+
+def _upsampled_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """CE of logits (N, K, h, w) bilinearly upsampled to the labels (N, H, W), label 255 ignored."""
+    up = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(up, target, ignore_index=IGNORE_INDEX)
+
+
+def ignore_mask(output: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+    """``{"mask": (N, h, w) bool}``: False where the nearest label at the logits' resolution is 255."""
+    size = output["out"].shape[-2:]
+    nearest_labels = F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0]
+    return {"mask": nearest_labels != IGNORE_INDEX}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Loader) -> dict[str, float]:
+    """mIoU and pixel accuracy (in %, over all processes) of ``model`` on full-size labels."""
+    was_training = model.training
+    model.eval()
+    matrix: ConfusionMatrix | None = None
+    for x, y in loader:
+        logits = model(x)["out"]
+        if matrix is None:
+            matrix = ConfusionMatrix(logits.shape[1])
+        up = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        matrix.update(up.argmax(1), y)
+    model.train(was_training)
+    matrix.all_reduce()
+    return {"miou": 100 * matrix.miou(), "pixel_acc": 100 * matrix.pixel_accuracy()}
