@@ -56,3 +56,14 @@ def sum_tensor(value: Tensor) -> Tensor:
     if world_size() > 1:
         dist.all_reduce(value)
     return value
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics), in place (nothing for one process).
+
+    DDP sends rank 0's buffers at the start of each forward, so after the last training step every rank
+    holds the statistics of its own last batch; evaluating then would mix models.
+    """
+    if world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)

@@ -97,6 +97,9 @@ class Trainer:
         for epoch in range(self.epoch, self.cfg.train.epochs):
             self.epoch = epoch
             train_stats = self._train_epoch(epoch)
+            distributed.broadcast_buffers(self.student)  # evaluate and save the same model on every rank
+            if self.ema is not None:
+                distributed.broadcast_buffers(self.ema.module)
             val = self.setup.evaluate(self.student, self.setup.val)
             record = {"epoch": epoch + 1, **train_stats, **{f"val/{k}": v for k, v in val.items()}}
             if self.ema is not None:
