@@ -16,6 +16,12 @@ agree at ``tau = 1`` (the paper's default); ``tau_squared=False`` gives the pseu
 Degenerate inputs stay finite: a zero-variance vector (a constant column, a uniform row, or any
 column when only one instance is kept) has ``rho = 0 / (0 + 1e-8) = 0``, so with one instance the
 intra term is exactly 1. A mask that keeps no position gives a loss of 0 with zero gradient.
+Masked positions may hold anything (even inf or NaN): they are replaced by 0 before the
+activation and excluded from every sum, so they reach neither the value nor the gradient.
+
+The two terms are computed by one autograd Function with an analytic first-order backward
+(``distkd.losses._relations``): no N x N or HW x HW matrix, a few input-sized buffers, and on the
+CPU cache-sized chunks. Second derivatives (double backward) are not supported.
 """
 
 from __future__ import annotations
