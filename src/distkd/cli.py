@@ -59,7 +59,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from distkd.demo import run_demo
 
-    run_demo(Path(args.out), seeds=args.seeds, quick=args.quick)
+    out = args.out or ("runs/demo_seg" if args.task == "segmentation" else "runs/demo")
+    run_demo(Path(out), seeds=args.seeds, quick=args.quick, task=args.task)
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg for segmentation)")
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     p.set_defaults(func=_demo)

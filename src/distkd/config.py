@@ -96,15 +96,16 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule, stepped every iteration: multistep, step, cosine, constant (+ warm-up)."""
+    """Learning-rate schedule, stepped every iteration: multistep, step, cosine, poly, constant (+ warm-up)."""
 
-    name: Literal["multistep", "step", "cosine", "constant"] = "cosine"
+    name: Literal["multistep", "step", "cosine", "poly", "constant"] = "cosine"
     milestones: list[int] = field(default_factory=list)
     step_size: int = field(default=30, metadata=_check(1))
     gamma: float = field(default=0.1, metadata=_check(0))
     warmup_epochs: float = field(default=0.0, metadata=_check(0))
     warmup_start: float = field(default=0.1, metadata=_check(0, 1))
     min_lr: float = field(default=0.0, metadata=_check(0))
+    power: float = field(default=0.9, metadata=_check(0))  # poly: (1 - progress) ** power
 
 
 @dataclass

@@ -43,11 +43,13 @@ def lr_factor(cfg: ScheduleConfig, base_lr: float, epochs: int) -> Callable[[flo
             return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
         if cfg.name == "step":
             return cfg.gamma ** math.floor(epoch / cfg.step_size)
+        span = max(epochs - cfg.warmup_epochs, 1e-8)
+        progress = min(max(epoch - cfg.warmup_epochs, 0.0) / span, 1.0)
+        floor = cfg.min_lr / base_lr
         if cfg.name == "cosine":
-            span = max(epochs - cfg.warmup_epochs, 1e-8)
-            progress = min(max(epoch - cfg.warmup_epochs, 0.0) / span, 1.0)
-            floor = cfg.min_lr / base_lr
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.name == "poly":
+            return floor + (1 - floor) * (1 - progress) ** cfg.power
         return 1.0
 
     def factor(epoch: float) -> float:
