@@ -4,6 +4,12 @@ Every loss is an ``nn.Module`` with ``forward(student, teacher, *, return_parts=
 returning a scalar tensor, or ``(loss, {part_name: scalar tensor})`` with ``return_parts=True``.
 ``context`` may carry ``target`` (N,) or (N, d1, ..., dk), ``mask`` (bool, same shape as target)
 and ``epoch`` (int); a loss ignores what it does not use.
+
+- ``DIST`` (``"dist"``): inter- and intra-class Pearson relations (Huang et al., NeurIPS 2022).
+- ``KD`` (``"kd"``): ``tau**2 * KL(teacher || student)`` of softened probabilities (Hinton et al.).
+- ``DKD`` (``"dkd"``): decoupled target / non-target KD (Zhao et al., CVPR 2022); needs ``target``.
+
+Logits are ``(N, C)`` or dense ``(N, C, d1, ..., dk)`` with one instance per position.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Shared input handling for the logit losses: shape checks, dense flattening, masks, targets.
 
 Every loss here treats dim 1 as the class axis and every other position of a dense input
-``(N, C, d1, ..., dk)`` as one instance. Internally inputs are viewed (never copied) as
-``(N, C, S)`` with ``S = d1 * ... * dk`` (``S = 1`` for ``(N, C)`` inputs), so per-instance
-reductions run along dim 1 and per-class reductions along dims ``(0, 2)``.
+``(N, C, d1, ..., dk)`` as one instance. Internally inputs are viewed as ``(N, C, S)`` with
+``S = d1 * ... * dk`` (``S = 1`` for ``(N, C)`` inputs; copied only when not contiguous, e.g.
+channels-last, or when fp16/bf16 is upcast to fp32), so per-instance reductions run along dim 1
+and per-class reductions along dims ``(0, 2)``.
 """
 
 from __future__ import annotations
