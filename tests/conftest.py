@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from distkd.config import RunConfig
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 # Settings that make a run small and quick; the bundled demo config supplies the rest.
@@ -29,7 +31,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def demo_config(name: str, out_dir: Path, *overrides: str):  # noqa: ANN201 - RunConfig
+def demo_config(name: str, out_dir: Path, *overrides: str) -> RunConfig:
     """A bundled demo config (e.g. ``demo/student.yaml``) made small by FAST, writing under ``out_dir``."""
     from distkd.cli import resolve_config_path
     from distkd.config import load_config
@@ -37,7 +39,7 @@ def demo_config(name: str, out_dir: Path, *overrides: str):  # noqa: ANN201 - Ru
     return load_config(resolve_config_path(name), [*FAST, f"out_dir={out_dir}", *overrides])
 
 
-def train_quietly(cfg, resume: bool = False) -> dict:  # noqa: ANN001
+def train_quietly(cfg: RunConfig, resume: bool = False) -> dict:
     """``distkd.api.train`` with the caller's torch thread count restored afterwards."""
     from distkd.api import train
 
@@ -57,7 +59,7 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="session")
-def make_config() -> Callable[..., object]:
+def make_config() -> Callable[..., RunConfig]:
     """``make_config(name, out_dir, *overrides)``: see :func:`demo_config`."""
     return demo_config
 

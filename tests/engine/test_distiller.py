@@ -13,6 +13,9 @@ from distkd.errors import ConfigError
 from distkd.losses import build_loss
 from distkd.models import create_model
 
+Models = tuple[nn.Module, nn.Module]
+Batch = tuple[Tensor, Tensor]
+
 
 def cross_entropy(output: object, target: Tensor) -> Tensor:
     return F.cross_entropy(logits_of(output), target)
@@ -30,7 +33,7 @@ def pair() -> tuple[nn.Module, nn.Module]:
     return create_model("small_cnn3_w2", num_classes=10), create_model("small_cnn3_w4", num_classes=10)
 
 
-def test_teacher_stays_in_eval_mode_and_its_batchnorm_stats_do_not_move(pair, batch) -> None:  # noqa: ANN001
+def test_teacher_stays_in_eval_mode_and_its_batchnorm_stats_do_not_move(pair: Models, batch: Batch) -> None:
     # torchdistill 1.1.5's example training loop calls model.train() on the whole wrapper, which leaves
     # the teacher in train mode: its BatchNorm running statistics then drift with every student batch.
     student, teacher = pair
@@ -51,7 +54,7 @@ def test_teacher_stays_in_eval_mode_and_its_batchnorm_stats_do_not_move(pair, ba
     assert not student.training and not teacher.training
 
 
-def test_losses_hold_weighted_terms_and_parts_hold_unweighted_parts(pair, batch) -> None:  # noqa: ANN001
+def test_losses_hold_weighted_terms_and_parts_hold_unweighted_parts(pair: Models, batch: Batch) -> None:
     student, teacher = pair
     x, y = batch
     dist, kd = build_loss("dist", tau=4.0), build_loss("kd", tau=4.0)
@@ -72,7 +75,7 @@ def test_losses_hold_weighted_terms_and_parts_hold_unweighted_parts(pair, batch)
     assert not step.parts["dist/inter"].requires_grad
 
 
-def test_without_teacher_only_the_task_loss_is_returned(pair, batch) -> None:  # noqa: ANN001
+def test_without_teacher_only_the_task_loss_is_returned(pair: Models, batch: Batch) -> None:
     student, _ = pair
     step = Distiller(student, task_loss=cross_entropy, task_weight=2.0)(*batch)
     assert set(step.losses) == {"ce"} and step.parts == {}
@@ -81,7 +84,7 @@ def test_without_teacher_only_the_task_loss_is_returned(pair, batch) -> None:  #
         Distiller(student, None, [Term("kd", build_loss("kd"), 1.0)])
 
 
-def test_feature_taps_feed_the_loss(batch) -> None:  # noqa: ANN001
+def test_feature_taps_feed_the_loss(batch: Batch) -> None:
     torch.manual_seed(2)
     student, teacher = create_model("small_cnn3_w2", 10), create_model("small_cnn3_w2", 10)
     dist = build_loss("dist", tau=2.0)
@@ -96,7 +99,7 @@ def test_feature_taps_feed_the_loss(batch) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("side", ["student", "teacher"])
-def test_unknown_module_path_is_a_one_line_config_error_with_a_suggestion(pair, side: str) -> None:  # noqa: ANN001
+def test_unknown_module_path_is_a_one_line_config_error_with_a_suggestion(pair: Models, side: str) -> None:
     student, teacher = pair
     keys = {"student_key": "featurs.7"} if side == "student" else {"teacher_key": "featurs.7"}
     with pytest.raises(ConfigError) as err:
@@ -135,7 +138,7 @@ def test_dict_outputs_select_out_for_logits_and_other_keys_by_name() -> None:
     assert not torch.allclose(step.losses["main"], step.losses["cross"])
 
 
-def test_teacher_input_maps_the_batch_before_the_teacher_sees_it(pair, batch) -> None:  # noqa: ANN001
+def test_teacher_input_maps_the_batch_before_the_teacher_sees_it(pair: Models, batch: Batch) -> None:
     student, teacher = pair
     seen: list[Tensor] = []
     teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0]))

@@ -19,7 +19,7 @@ EPOCHS = 2
 OVERRIDES = ("model.name=small_cnn3_w4", f"train.epochs={EPOCHS}", "train.progress=lines")
 
 
-def start(run_root: Path, log: Path, fast: tuple[str, ...], resume: bool):  # noqa: ANN201 - subprocess.Popen
+def start(run_root: Path, log: Path, fast: tuple[str, ...], resume: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "distkd", "train", "demo/teacher.yaml", *fast, f"out_dir={run_root}", *OVERRIDES]
     with log.open("a") as out:
         return subprocess.Popen([*cmd, "--resume"] if resume else cmd, stdout=out, stderr=subprocess.STDOUT,

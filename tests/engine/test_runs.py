@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,16 @@ from distkd.api import evaluate_checkpoint
 from distkd.config import RunConfig, from_dict
 from distkd.errors import CheckpointError, ConfigError
 
+Run = tuple[Path, dict]  # the session's teacher run: (run_dir, summary)
+MakeConfig = Callable[..., RunConfig]
+RunTrain = Callable[..., dict]
+
 
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_teacher_run_directory_holds_every_record(teacher_run: tuple[Path, dict]) -> None:
+def test_teacher_run_directory_holds_every_record(teacher_run: Run) -> None:
     run_dir, summary = teacher_run
     cfg = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert cfg.model.name == "small_cnn3_w4" and cfg.train.epochs == 2 and cfg.run_dir == run_dir
@@ -40,7 +45,7 @@ def test_teacher_run_directory_holds_every_record(teacher_run: tuple[Path, dict]
     assert f"best epoch on val: {summary['best_epoch']} of 2" in report and "| best_test |" in report
 
 
-def test_best_epoch_is_chosen_on_val_and_test_is_only_reported(teacher_run: tuple[Path, dict]) -> None:
+def test_best_epoch_is_chosen_on_val_and_test_is_only_reported(teacher_run: Run) -> None:
     run_dir, summary = teacher_run
     vals = [r["val/top1"] for r in records(run_dir)]
     assert summary["best_epoch"] == vals.index(max(vals)) + 1
@@ -55,7 +60,7 @@ def test_best_epoch_is_chosen_on_val_and_test_is_only_reported(teacher_run: tupl
 
 
 def test_student_run_logs_the_teacher_and_the_distillation_parts(
-    teacher_run: tuple[Path, dict], make_config, run_train, tmp_path: Path  # noqa: ANN001
+    teacher_run: Run, make_config: MakeConfig, run_train: RunTrain, tmp_path: Path
 ) -> None:
     teacher_ckpt = teacher_run[0] / "checkpoints" / "best.pt"
     cfg = make_config("demo/dist.yaml", tmp_path, "teacher.name=small_cnn3_w4", f"teacher.checkpoint={teacher_ckpt}",
@@ -75,7 +80,9 @@ def test_student_run_logs_the_teacher_and_the_distillation_parts(
     assert "teacher `small_cnn3_w4`" in (cfg.run_dir / "report.md").read_text()
 
 
-def test_resume_with_a_changed_config_names_the_key(teacher_run: tuple[Path, dict], make_config, run_train) -> None:  # noqa: ANN001
+def test_resume_with_a_changed_config_names_the_key(
+    teacher_run: Run, make_config: MakeConfig, run_train: RunTrain
+) -> None:
     run_dir = teacher_run[0]
     cfg = make_config("demo/teacher.yaml", run_dir.parent, "model.name=small_cnn3_w4", "train.epochs=2",
                       "optim.lr=0.05")
@@ -84,13 +91,17 @@ def test_resume_with_a_changed_config_names_the_key(teacher_run: tuple[Path, dic
     assert "config differs in optim.lr" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_training_into_a_used_run_dir_needs_resume(teacher_run: tuple[Path, dict], make_config, run_train) -> None:  # noqa: ANN001
+def test_training_into_a_used_run_dir_needs_resume(
+    teacher_run: Run, make_config: MakeConfig, run_train: RunTrain
+) -> None:
     cfg = make_config("demo/teacher.yaml", teacher_run[0].parent, "model.name=small_cnn3_w4", "train.epochs=2")
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         run_train(cfg)
 
 
-def test_resuming_needs_a_full_checkpoint(teacher_run: tuple[Path, dict], make_config, run_train, tmp_path) -> None:  # noqa: ANN001
+def test_resuming_needs_a_full_checkpoint(
+    teacher_run: Run, make_config: MakeConfig, run_train: RunTrain, tmp_path: Path
+) -> None:
     run_dir = tmp_path / teacher_run[0].name
     shutil.copytree(teacher_run[0], run_dir)
     shutil.copy(run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt")
@@ -102,7 +113,7 @@ def test_resuming_needs_a_full_checkpoint(teacher_run: tuple[Path, dict], make_c
         run_train(fresh, resume=True)
 
 
-def test_a_teacher_needs_a_checkpoint(make_config, run_train, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_teacher_needs_a_checkpoint(make_config: MakeConfig, run_train: RunTrain, tmp_path: Path) -> None:
     cfg = make_config("demo/dist.yaml", tmp_path, "teacher.name=small_cnn3_w4")
     with pytest.raises(ConfigError, match="teacher.checkpoint is required"):
         run_train(cfg)
@@ -114,7 +125,7 @@ def test_a_teacher_needs_a_checkpoint(make_config, run_train, tmp_path: Path) ->
      ("small_resnet8_w8", r"missing key\(s\) \(conv1\.0\.weight, .*unexpected key\(s\) \(features\.0\.weight")],
 )
 def test_a_teacher_checkpoint_for_another_architecture_lists_the_keys(
-    teacher_run: tuple[Path, dict], make_config, run_train, tmp_path: Path, name: str, expected: str  # noqa: ANN001
+    teacher_run: Run, make_config: MakeConfig, run_train: RunTrain, tmp_path: Path, name: str, expected: str
 ) -> None:
     ckpt = teacher_run[0] / "checkpoints" / "best.pt"
     cfg = make_config("demo/dist.yaml", tmp_path, f"teacher.name={name}", f"teacher.checkpoint={ckpt}")
