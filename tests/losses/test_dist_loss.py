@@ -208,3 +208,15 @@ def test_chunked_cpu_computation_matches_reference(monkeypatch, shape, activatio
     assert loss(student, teacher, mask=mask).item() == pytest.approx(expected, rel=1e-10)
     student.requires_grad_()
     assert torch.autograd.gradcheck(lambda s: loss(s, teacher, mask=mask), (student,))
+
+
+@pytest.mark.parametrize("name", ["dist", "kd", "dkd"])
+def test_losses_inside_cpu_autocast_equal_the_plain_call_in_float32(name):
+    student, teacher = logits((16, 10), 26, dtype=torch.bfloat16), logits((16, 10), 27, dtype=torch.bfloat16)
+    target = torch.arange(16) % 10
+    loss = build_loss(name, tau=4.0)
+    plain = loss(student, teacher, target=target, epoch=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss(student, teacher, target=target, epoch=40)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, plain)
