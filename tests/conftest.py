@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from distkd.config import RunConfig
+os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub, which reads it once
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+if TYPE_CHECKING:
+    from distkd.config import RunConfig
 
 # Settings that make a run small and quick; the bundled demo config supplies the rest.
 FAST = ("train.threads=1", "train.amp=none", "train.progress=none", "model.name=small_cnn3_w2")
