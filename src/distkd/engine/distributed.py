@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+T = TypeVar("T")
+_created: list[bool] = []  # non-empty while this module's init_from_env owns the default process group
 
 
 def init_from_env(device_kind: str) -> torch.device:
@@ -14,11 +19,22 @@ def init_from_env(device_kind: str) -> torch.device:
     cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        _created.append(True)
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def close() -> None:
+    """Leave the process group :func:`init_from_env` created (one its caller made is left alone).
+
+    Exiting with the group still open can abort gloo's threads at interpreter shutdown.
+    """
+    if _created and dist.is_initialized():
+        dist.destroy_process_group()
+    _created.clear()
 
 
 def world_size() -> int:
@@ -67,3 +83,39 @@ def broadcast_buffers(model: nn.Module) -> None:
     if world_size() > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def barrier() -> None:
+    """Wait for every process (nothing for one process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def main_first(build: Callable[[], T]) -> T:
+    """``build()`` on rank 0 first, then on the other ranks (e.g. to find a cache rank 0 wrote to disk)."""
+    if is_main():
+        value = build()
+        barrier()
+        return value
+    barrier()
+    return build()
+
+
+def broadcast_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Give every process rank 0's tensors, in place; the other ranks pass tensors of the same shapes."""
+    if world_size() > 1:
+        for value in state.values():
+            flat = value.contiguous()  # channels_last weights travel as contiguous copies
+            dist.broadcast(flat, src=0)
+            if flat is not value:
+                value.copy_(flat)
+    return state
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank (``[value]`` for one process)."""
+    if world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out

@@ -70,8 +70,8 @@ class Trainer:
         self.student = self.distiller.student
         if cfg.train.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.student, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        self.distiller.student = distributed.wrap(self.student, device)
+        self.distiller.student = distributed.wrap(self.student, device)  # DDP gives all ranks rank 0's weights
+        self.ema = EMA(self.student, cfg.train.ema_decay) if cfg.train.ema_decay else None  # so copy them after
         self.optimizer = build_optimizer(self.student, cfg.optim)
         self.scheduler = build_scheduler(
             self.optimizer, cfg.schedule, cfg.optim.lr, cfg.train.epochs, len(setup.train)
@@ -124,7 +124,7 @@ class Trainer:
         start, clip = time.perf_counter(), self.cfg.train.grad_clip
         for x, y, *cached_teacher in loader:
             with self._autocast():
-                step = self.distiller(x, y, epoch, *cached_teacher)
+                step = self.distiller(x, y, epoch + 1, *cached_teacher)
             loss = sum(step.losses.values())
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -174,9 +174,11 @@ class Trainer:
         summary["last_val"] = self.setup.evaluate(self.student, self.setup.val)[metric]
         if test is not None:
             summary["last_test"] = self.setup.evaluate(self.student, test)[metric]
-            best = load_state(self.run_dir / "checkpoints" / "best.pt")
             last_weights = {k: v.clone() for k, v in self.student.state_dict().items()}
-            self.student.load_state_dict(best["model"])
+            # rank 0 reads best.pt and sends it: the other machines need not see its file system
+            saved = load_state(self.run_dir / "checkpoints" / "best.pt")["model"] if self.is_main else last_weights
+            best = {k: saved[k].to(v.device, copy=True) for k, v in last_weights.items()}
+            self.student.load_state_dict(distributed.broadcast_state(best))
             summary["best_test"] = self.setup.evaluate(self.student, test)[metric]
             self.student.load_state_dict(last_weights)
             if self.ema is not None:
@@ -190,6 +192,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _save(self, name: str, weights_only: bool = False) -> None:
+        """Rank 0 writes; every rank calls (each rank's RNG state is gathered into the checkpoint)."""
+        rng = None if weights_only else [_plain(r) for r in distributed.gather_objects(_rng_state())]
         if not self.is_main:
             return
         state: dict[str, Any] = {
@@ -204,7 +208,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng,  # one state per rank
             }
         save_atomic(state, self.run_dir / "checkpoints" / name)
 
@@ -219,7 +223,10 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], state["best"]
-        _set_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one per rank (a single dict in older checkpoints)
+            rng = rng[distributed.rank()] if distributed.rank() < len(rng) else rng[0]
+        _set_rng_state(rng)
         self.progress.message(f"resumed from {path} at epoch {self.epoch}")
 
 
@@ -231,10 +238,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as NumPy and Python objects (gathered across ranks by pickling)."""
+    state = {"torch": torch.get_rng_state().numpy(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return _plain(state)
+        state["cuda"] = [s.numpy() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def _plain(value: Any) -> Any:
