@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from distkd.config import DataConfig, RunConfig
 from distkd.data.augment import CropFlip
-from distkd.data.base import InMemoryData
+from distkd.data.base import InMemoryData, Split
 from distkd.data.loaders import TensorLoader
 from distkd.distill import Distiller, logits_of
 from distkd.distill.renormalize import Renormalize
@@ -52,25 +53,39 @@ def _root(cfg: DataConfig) -> str:
 
 
 def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, Loader, Loader | None]:  # noqa: ANN001
-    """Train/val/test loaders: on-device tensors for in-memory data, worker processes for image files."""
+    """Train/val/test loaders: on-device tensors for in-memory data, worker processes for image files.
+
+    Under DDP the training split is sharded by the loader (a shared seeded order, padded or trimmed to
+    divide evenly); val/test are cut into unpadded strided shards ``split[rank::world_size]`` instead, so
+    the metrics summed over ranks count every sample exactly once.
+    """
     channels_last = cfg.train.channels_last
-    common = {"rank": distributed.rank(), "world_size": distributed.world_size(), "seed": cfg.seed}
+    rank, world = distributed.rank(), distributed.world_size()
+
+    def sharding(train: bool) -> dict[str, int]:
+        return {"rank": rank, "world_size": world, "seed": cfg.seed} if train else {"seed": cfg.seed}
+
     if isinstance(data, InMemoryData):
         def make(split, train: bool) -> TensorLoader:  # noqa: ANN001
+            if not train and world > 1:
+                split = Split(split.images[rank::world], split.labels[rank::world])
             return TensorLoader(
                 split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
                 mean=data.mean, std=data.std, device=device, shuffle=train, drop_last=train,
                 augment=CropFlip(cfg.data.crop_padding, cfg.data.flip) if train else None,
-                channels_last=channels_last, **common,
+                channels_last=channels_last, **sharding(train),
             )
     else:
         from distkd.data.imagefolder import FileLoader
 
         def make(split, train: bool) -> FileLoader:  # noqa: ANN001
+            if not train and world > 1:
+                split = Subset(split, range(rank, len(split), world))
             return FileLoader(
                 split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size, shuffle=train,
                 drop_last=train, num_workers=cfg.data.num_workers, num_classes=data.num_classes,
-                mixup=data.preset.mixup if train else None, device=device, channels_last=channels_last, **common,
+                mixup=data.preset.mixup if train else None, device=device, channels_last=channels_last,
+                **sharding(train),
             )
     test = make(data.test, False) if data.test is not None else None
     return make(data.train, True), make(data.val, False), test
@@ -126,7 +141,9 @@ def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.d
         "views": cfg.teacher_cache.views, "seed": cfg.teacher_cache.seed,
     }
     directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
-    cache = TeacherCache.open_or_build(directory, record, teacher_fn, train, cfg.data.eval_batch_size)
+    # under DDP rank 0 builds the cache (on a file system all ranks see); the others then open it
+    cache = distributed.main_first(
+        lambda: TeacherCache.open_or_build(directory, record, teacher_fn, train, cfg.data.eval_batch_size))
     return CachedViewLoader(train, cache)
 
 
