@@ -20,6 +20,13 @@ from distkd.tasks.common import build_model
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into ``cfg.run_dir`` (continue its ``checkpoints/last.pt`` when ``resume``); return the summary."""
     device = _device(cfg.train)
+    try:
+        return _train(cfg, device, resume)
+    finally:
+        distributed.close()  # leave the process group _device joined under torchrun
+
+
+def _train(cfg: RunConfig, device: torch.device, resume: bool) -> dict[str, Any]:
     run_dir = cfg.run_dir
     last = run_dir / "checkpoints" / "last.pt"
     if resume:
@@ -27,7 +34,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     elif last.exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or set name=... for a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed + distributed.rank())
+    seed_everything(cfg.seed + distributed.rank())  # differs by rank; DDP then gives every rank rank 0's student
     setup = get_task(cfg.task).build(cfg, device)
     return Trainer(cfg, setup, device, run_dir).fit(resume=resume)
 
