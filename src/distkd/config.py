@@ -1,8 +1,9 @@
 """Run configuration: a typed schema, YAML files, dotted ``key=value`` overrides, one-line errors.
 
 A config file is YAML (read with a safe loader). ``base: other.yaml`` (relative to the file) merges the
-file over another. Overrides use dotted paths, list items by index: ``optim.lr=0.05``,
-``loss.distill.0.weight=2``, ``teacher=null``. Values are parsed as YAML scalars/lists.
+file over another, section by section; a ``kwargs`` mapping replaces the base's as a whole (so a student's
+``model.kwargs`` never inherits the teacher's widths). Overrides use dotted paths, list items by index:
+``optim.lr=0.05``, ``loss.distill.0.weight=2``, ``teacher=null``. Values are parsed as YAML scalars/lists.
 Every problem is a :class:`~distkd.errors.ConfigError` naming the key, e.g.
 ``config: optim.lr: expected a number >= 0, got -1``.
 """
@@ -196,9 +197,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Sections merge key by key; a ``kwargs`` mapping (another object's arguments) replaces the base's whole."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs"
+        out[key] = _merge(out[key], value) if nested else value
     return out
 
 

@@ -88,8 +88,9 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
-    def forward(self, x: Tensor, target: Tensor, epoch: int = 0, teacher_output: Tensor | None = None) -> StepOutput:
-        """x: the student's input batch (N, ...); target: labels (N,) / (N, K) soft / (N, H, W) dense.
+    def forward(self, x: Tensor, target: Tensor, epoch: int = 1, teacher_output: Tensor | None = None) -> StepOutput:
+        """x: the student's input batch (N, ...); target: labels (N,) / (N, K) soft / (N, H, W) dense;
+        epoch: the 1-based epoch in progress, passed to the losses (DKD's warm-up counts from 1, as mdistiller).
 
         ``teacher_output``: the teacher's logits for ``x`` when they come from a cache (the teacher is not run).
         """
