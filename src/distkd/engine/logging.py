@@ -123,6 +123,16 @@ class Progress:
             self._bar.start()
             self._task = self._bar.add_task("", total=steps, epoch=f"{epoch + 1}/{self.total_epochs}", info="")
 
+    @property
+    def shows_steps(self) -> bool:
+        """True while a bar is shown: only then is per-step information worth computing."""
+        return self._bar is not None
+
+    @property
+    def steps_done(self) -> int:
+        """Steps of the current epoch finished so far, counting the one being reported."""
+        return int(self._bar.tasks[0].completed) + 1 if self._bar is not None else 0
+
     def step(self, info: str) -> None:
         if self._bar is not None:
             self._bar.update(self._task, advance=1, info=info)

@@ -138,7 +138,10 @@ class Trainer:
                 self.ema.update(self.student)
             for key, value in {"loss": loss, **step.losses, **step.parts}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
-            self.progress.step(f"loss {loss.item():.3f} lr {self.scheduler.get_last_lr()[0]:.4g}")
+            if self.progress.shows_steps:
+                rate = (len(x) * self.progress.steps_done) / (time.perf_counter() - start)
+                parts = " ".join(f"{k} {v.item():.3f}" for k, v in {"loss": loss, **step.losses}.items())
+                self.progress.step(f"{parts} lr {self.scheduler.get_last_lr()[0]:.3g} {rate:.0f} img/s")
         seconds = time.perf_counter() - start
         stats = {f"train/{k}": v.item() / len(loader) for k, v in distributed.mean(sums).items()}
         if not math.isfinite(stats["train/loss"]):
