@@ -5,7 +5,8 @@ Both sides train the same student (distkd's CIFAR zoo definitions, created from 
 images (3x32x32, 100 classes) with random crop (padding 4) + horizontal flip + normalisation:
 
 - distkd: its training loop (``Trainer._train_epoch``: TensorLoader batch augmentation, Distiller, optimizer and
-  scheduler step), teacher in eval mode under no_grad;
+  scheduler step), teacher in eval mode under no_grad; with its default ``train.channels_last=true`` and,
+  to separate that setting's share, with ``train.channels_last=false`` (torchdistill keeps PyTorch's NCHW);
 - torchdistill: its ``DistillationBox`` (``forward_process`` / ``post_forward_process``) with its ``DISTLoss`` in
   a ``WeightedSumLoss`` beside CE, fed by a torch DataLoader over PIL images with torchvision's RandomCrop,
   RandomHorizontalFlip, ToTensor and Normalize, iterated as its example script's ``train_one_epoch`` does. Its
@@ -13,7 +14,7 @@ images (3x32x32, 100 classes) with random crop (padding 4) + horizontal flip + n
   and updates its running statistics; ``torchdistill, teacher eval`` also runs with ``teacher.eval()`` for a fair
   comparison of the loop itself.
 
-The three variants run round-robin, one epoch each per round, after one warm-up epoch each; the figure is the
+The four variants run round-robin, one epoch each per round, after one warm-up epoch each; the figure is the
 median over rounds. Run it with a Python that has torchdistill, distkd on the path, e.g.
 
     python3 -m venv /tmp/tdvenv && /tmp/tdvenv/bin/pip install -c constraints.txt torchdistill
@@ -80,15 +81,14 @@ def models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     return create_model(args.teacher, num_classes=args.classes), create_model(args.student, num_classes=args.classes)
 
 
-def distkd_epoch(args: argparse.Namespace, split: Split, run_dir: Path) -> Callable[[int], None]:
+def distkd_epoch(args: argparse.Namespace, split: Split, run_dir: Path, channels_last: bool) -> Callable[[int], None]:
     """One epoch of distkd's own loop, as ``distkd train`` runs it."""
     teacher, student = models(args)
-    cfg = RunConfig(train=TrainConfig(epochs=1000, device="cpu", channels_last=args.channels_last,
-                                      progress="none"))
+    cfg = RunConfig(train=TrainConfig(epochs=1000, device="cpu", channels_last=channels_last, progress="none"))
     cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = LR, MOMENTUM, WEIGHT_DECAY
     cfg.schedule.name = "constant"
     loader = TensorLoader(split, batch_size=args.batch, mean=MEAN, std=STD, augment=CropFlip(4, True), shuffle=True,
-                          drop_last=True, channels_last=args.channels_last)
+                          drop_last=True, channels_last=channels_last)
 
     def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output.float(), target)
@@ -154,8 +154,6 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--workers", type=int, default=0, help="torchdistill DataLoader workers (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="distkd's channels_last (its default: on)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,7 +167,8 @@ def main() -> None:
     info = machine(torch.device("cpu"))
     variants: dict[str, Callable[[int], None]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        variants["distkd"] = distkd_epoch(args, split, Path(tmp))
+        variants["distkd"] = distkd_epoch(args, split, Path(tmp), channels_last=True)
+        variants["distkd, NCHW (train.channels_last=false)"] = distkd_epoch(args, split, Path(tmp), channels_last=False)
         try:
             import torchdistill
         except ImportError:
