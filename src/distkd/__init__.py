@@ -9,16 +9,23 @@ Use a loss in your own loop::
 or the whole engine: ``distkd train CONFIG`` / :func:`distkd.train`.
 """
 
-from distkd.api import evaluate_checkpoint, train
-from distkd.config import RunConfig, load_config
-from distkd.distill import Distiller, Term
-from distkd.errors import DistkdError
-from distkd.losses import DIST, DKD, KD, build_loss, list_losses
-from distkd.models import create_model, list_models
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DIST", "DKD", "KD", "Distiller", "DistkdError", "RunConfig", "Term", "build_loss", "create_model",
-    "evaluate_checkpoint", "list_losses", "list_models", "load_config", "train",
-]
+# Imported on first use, so `distkd --help` and config errors do not wait for torch.
+_EXPORTS = {
+    "DIST": "distkd.losses", "DKD": "distkd.losses", "KD": "distkd.losses", "build_loss": "distkd.losses",
+    "list_losses": "distkd.losses", "create_model": "distkd.models", "list_models": "distkd.models",
+    "Distiller": "distkd.distill", "Term": "distkd.distill", "DistkdError": "distkd.errors",
+    "RunConfig": "distkd.config", "load_config": "distkd.config", "train": "distkd.api",
+    "evaluate_checkpoint": "distkd.api",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'distkd' has no attribute '{name}'")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -64,7 +64,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "val") -> dict[str, float
 def _check_same_config(cfg: RunConfig, last: Path) -> None:
     """Resuming with another config would silently mix two experiments: refuse, naming the differences."""
     saved = load_state(last)["config"]
-    ignored = {"train.progress", "out_dir"}  # out_dir only locates the run, which may have been moved
+    # where the run lives and how it is computed, not what it computes: a run may move, or resume on another device
+    ignored = {"train.progress", "out_dir", "train.threads", "train.device"}
     diffs = [k for k in _diff(saved, to_dict(cfg)) if k not in ignored]
     if diffs:
         raise ConfigError(f"cannot resume {last}: the config differs in {', '.join(diffs[:5])}; "

@@ -294,6 +294,8 @@ def _coerce(tp: Any, value: Any, path: str, meta: Any = None) -> Any:
         _check_range(tp(value), path, meta or {})
         return tp(value)
     if tp is str:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # name=2021 parses as a number; as a string it is unambiguous
         if not isinstance(value, str):
             raise ConfigError(f"config: {path}: expected a string, got {_show(value)}")
         return value

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from distkd.distill.taps import FeatureTaps
+from distkd.errors import ConfigError
 
 LOGITS = "logits"
 TaskLoss = Callable[[Any, Tensor], Tensor]
@@ -106,18 +107,24 @@ class Distiller(nn.Module):
             if self.context_fn is not None:
                 context.update(self.context_fn(output, target))
             for term in self.terms:
-                s = _select(output, self.student_taps.outputs, term.student_key)
-                t = _select(teacher_output, self.teacher_taps.outputs, term.teacher_key)
+                s = _select(output, self.student_taps.outputs, term.student_key, "student")
+                t = _select(teacher_output, self.teacher_taps.outputs, term.teacher_key, "teacher")
                 value, term_parts = term.loss(s, t, return_parts=True, **context)
                 losses[term.name] = term.weight * value
                 parts.update({f"{term.name}/{k}": v.detach() for k, v in term_parts.items()})
         return StepOutput(output, losses, parts)
 
 
-def _select(output: Any, tapped: dict[str, Tensor], key: str) -> Tensor:
-    if isinstance(output, dict):
-        return output["out"] if key == LOGITS else output[key] if key in output else tapped[key]
-    return output if key == LOGITS else tapped[key]
+def _select(output: Any, tapped: dict[str, Tensor], key: str, role: str) -> Tensor:
+    """What a term compares: the logits, an entry of a dict output, or a tapped module's output."""
+    if key == LOGITS:
+        return logits_of(output)
+    if isinstance(output, dict) and key in output:
+        return output[key]
+    if key not in tapped:
+        entries = f"has the entries {', '.join(output)}" if isinstance(output, dict) else "is one tensor"
+        raise ConfigError(f"the {role}'s output {entries}, not '{key}'; use {role}: logits or a module path")
+    return tapped[key]
 
 
 def logits_of(output: Any) -> Tensor:

@@ -34,6 +34,8 @@ def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module
     logits (``dist_aux``, ``kd_layer3``), plus its index when two terms would share a name.
     """
     teacher = build_model(cfg.teacher, num_classes, "teacher") if cfg.teacher is not None else None
+    if cfg.loss.ce_weight == 0 and not cfg.loss.distill:
+        raise ConfigError("the loss is empty: loss.ce_weight is 0 and loss.distill has no terms; set one of them")
     if cfg.loss.distill and teacher is None:
         raise ConfigError("loss.distill has terms but no teacher is configured; set teacher.name and "
                           "teacher.checkpoint, or remove loss.distill")
