@@ -117,6 +117,7 @@ class TrainConfig:
     device: str = "auto"
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = True
+    compile: bool = False  # torch.compile the student's training forward (DDP first, then compile)
     grad_clip: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
     ema_decay: float | None = field(default=None, metadata=_check(0, 1))
     threads: int | None = field(default=None, metadata=_check(1))

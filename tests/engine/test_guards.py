@@ -43,3 +43,16 @@ def test_resume_accepts_other_threads_device_and_progress_settings(make_config, 
 def test_importing_distkd_does_not_import_torch():
     code = "import sys, distkd; assert 'torch' not in sys.modules; distkd.DIST; assert 'torch' in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_train_compile_compiles_the_training_forward_and_keeps_plain_checkpoints(make_config, run_train, tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cfg = make_config("demo/student.yaml", tmp_path, "train.epochs=1", "train.compile=true")
+    summary = run_train(cfg)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the student's forward
+    assert 0 <= summary["best_test"] <= 100
+    state = torch.load(cfg.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not any(k.startswith("_orig_mod.") for k in state)

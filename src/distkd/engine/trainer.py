@@ -70,7 +70,9 @@ class Trainer:
         self.student = self.distiller.student
         if cfg.train.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
-        self.distiller.student = distributed.wrap(self.student, device)  # DDP gives all ranks rank 0's weights
+        runner = distributed.wrap(self.student, device)  # DDP gives all ranks rank 0's weights
+        # compiled for training steps only; weights, checkpoints and evaluation use the plain module
+        self.distiller.student = torch.compile(runner) if cfg.train.compile else runner
         self.ema = EMA(self.student, cfg.train.ema_decay) if cfg.train.ema_decay else None  # so copy them after
         self.optimizer = build_optimizer(self.student, cfg.optim)
         self.scheduler = build_scheduler(
