@@ -29,7 +29,7 @@ CONFIGS = {
 }
 QUICK = {  # --quick: fewer epochs (and fewer scenes)
     "classification": ["train.epochs=4"],
-    "segmentation": ["train.epochs=4", "data.kwargs={train: 800, val: 200, test: 300}"],
+    "segmentation": ["data.kwargs={train: 800, val: 200, test: 300}"],
 }
 
 
