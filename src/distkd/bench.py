@@ -10,6 +10,7 @@ load on a shared machine affects them alike:
 - ``cached``: the same step with the teacher's logits precomputed (as the teacher-output cache replays them).
 
 Each figure is the median over ``repeats`` timed blocks of ``steps`` steps, after ``warmup`` steps of each.
+Only compute is timed: the batches are random tensors already on the device (no data loading or augmentation).
 The ratios compare times per image: ``distill / (student + teacher)`` is 1.0 when the distillation step costs
 exactly the sum of its parts; ``cached / student`` is 1.0 when cached distillation costs what training the
 student alone does.
