@@ -101,7 +101,7 @@ class ScheduleConfig:
 
     name: Literal["multistep", "step", "cosine", "poly", "constant"] = "cosine"
     milestones: list[int] = field(default_factory=list)
-    step_size: int = field(default=30, metadata=_check(1))
+    step_size: float = field(default=30, metadata=_check(0, exclusive_min=True))  # epochs, may be fractional
     gamma: float = field(default=0.1, metadata=_check(0))
     warmup_epochs: float = field(default=0.0, metadata=_check(0))
     warmup_start: float = field(default=0.1, metadata=_check(0, 1))

@@ -56,3 +56,16 @@ def test_train_compile_compiles_the_training_forward_and_keeps_plain_checkpoints
     assert 0 <= summary["best_test"] <= 100
     state = torch.load(cfg.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert not any(k.startswith("_orig_mod.") for k in state)
+
+
+def test_a_teacher_with_hub_weights_needs_no_checkpoint_but_one_without_either_is_refused():
+    from distkd.config import ModelConfig
+    from distkd.tasks.common import build_model
+
+    with pytest.raises(ConfigError, match="teacher.checkpoint is required"):
+        build_model(ModelConfig(name="small_cnn3_w2"), 10, "teacher")
+    # pretrained=True reaches the model's own hub loading (offline here: its one-line error, not ours)
+    from distkd.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="weights"):
+        build_model(ModelConfig(name="timm_resnet18", kwargs={"pretrained": True}), 10, "teacher")

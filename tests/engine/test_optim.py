@@ -113,3 +113,10 @@ def test_each_optimizer_builds_with_its_settings_and_steps(name: str, kind: type
 def test_nesterov_without_momentum_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
         build_optimizer(torch.nn.Linear(2, 2), OptimConfig(nesterov=True, momentum=0.0))
+
+
+def test_step_size_may_be_fractional_as_in_the_b2_recipe() -> None:
+    factor = lr_factor(ScheduleConfig(name="step", step_size=2.4, gamma=0.97), base_lr=0.048, epochs=450)
+    assert factor(2.3) == 1.0
+    assert factor(2.4) == pytest.approx(0.97)
+    assert factor(4.9) == pytest.approx(0.97**2)

@@ -15,14 +15,17 @@ from distkd.models.weights import load_weights
 
 
 def build_model(cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
-    """Create ``cfg.name`` and, when ``cfg.checkpoint`` is set, load its weights strictly."""
+    """Create ``cfg.name`` and, when ``cfg.checkpoint`` is set, load its weights strictly.
+
+    A teacher needs trained weights: a checkpoint, or hub weights (``kwargs.pretrained: true``).
+    """
     model = create_model(cfg.name, num_classes=num_classes, **cfg.kwargs)
     if cfg.checkpoint is not None:
         load_weights(model, cfg.checkpoint)
-    elif role == "teacher":
+    elif role == "teacher" and not cfg.kwargs.get("pretrained"):
         raise ConfigError(
-            "teacher.checkpoint is required: train the teacher first (distkd train with no teacher) and pass "
-            "teacher.checkpoint=RUN_DIR/checkpoints/best.pt"
+            "teacher.checkpoint is required (or teacher.kwargs.pretrained=true for hub weights): train the teacher "
+            "first (distkd train with no teacher) and pass teacher.checkpoint=RUN_DIR/checkpoints/best.pt"
         )
     return model
 
