@@ -22,7 +22,7 @@ def test_classification_demo_writes_the_table_and_plot_and_reuses_finished_runs(
     assert (tmp_path / "teacher_cache" / "meta.json").is_file()  # KD and DIST students share one cache
     capsys.readouterr()
     demo.run_demo(tmp_path, seeds=2, quick=True)
-    assert capsys.readouterr().out.count("reused") == 7
+    assert capsys.readouterr().out.count("(reused)") == 7
 
 
 def test_segmentation_demo_reports_miou(tmp_path, monkeypatch):

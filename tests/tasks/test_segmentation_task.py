@@ -40,7 +40,8 @@ def test_a_segmentation_run_reports_miou_and_writes_its_run_directory(teacher_ck
 
 
 def test_distillation_terms_on_out_and_aux_are_named_and_logged(tmp_path, teacher_ckpt):
-    cfg = _config(tmp_path, "name=dist", "teacher.name=seg_deeplabv3_tiny", "teacher.kwargs={in_chans: 1}",
+    student_kwargs = _config(tmp_path).model.kwargs  # the teacher fixture was trained as the demo student
+    cfg = _config(tmp_path, "name=dist", "teacher.name=seg_deeplabv3_tiny", f"teacher.kwargs={student_kwargs}",
                   f"teacher.checkpoint={teacher_ckpt}", "loss.mask_ignore=true",
                   "loss.distill=[{loss: dist}, {loss: dist, weight: 0.4, student: aux, teacher: aux}]")
     train(cfg)
