@@ -6,24 +6,13 @@ import math
 
 import pytest
 import torch
+from loss_inputs import logits, random_mask
 from losses_reference import dist_loss, dist_terms
 
 from distkd.errors import ConfigError, ShapeError, UnknownNameError
 from distkd.losses import DIST, _relations, build_loss, list_losses
 
 SHAPES = [(6, 5), (3, 4, 5), (2, 3, 4, 5)]
-
-
-def logits(shape, seed, scale=3.0, dtype=torch.float64):
-    generator = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=generator)).to(dtype)
-
-
-def random_mask(shape, seed):
-    generator = torch.Generator().manual_seed(seed)
-    mask = torch.rand((shape[0], *shape[2:]), generator=generator) > 0.4
-    mask.view(-1)[:2] = True
-    return mask
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -39,7 +28,7 @@ def random_mask(shape, seed):
 )
 def test_dist_matches_loop_reference(shape, masked, kwargs):
     student, teacher = logits(shape, 0), logits(shape, 1)
-    mask = random_mask(shape, 2) if masked else None
+    mask = random_mask(shape, 2, keep_first=2) if masked else None
     loss, parts = DIST(**kwargs)(student, teacher, mask=mask, return_parts=True)
     expected = dist_loss(student, teacher, mask=mask, **kwargs)
     inter, intra = dist_terms(
@@ -62,7 +51,7 @@ def test_dist_float32_matches_reference():
 def test_dist_gradcheck(shape, activation):
     student = logits(shape, 5).requires_grad_()
     teacher = logits(shape, 6)
-    mask = random_mask(shape, 7) if len(shape) > 2 else None
+    mask = random_mask(shape, 7, keep_first=2) if len(shape) > 2 else None
     loss = DIST(tau=2.0, gamma=1.5, activation=activation)
     assert torch.autograd.gradcheck(lambda s: loss(s, teacher, mask=mask), (student,))
 
@@ -124,7 +113,7 @@ def test_mask_keeping_nothing_gives_zero_loss_and_zero_gradient():
 
 def test_nonfinite_values_at_masked_positions_do_not_leak():
     shape = (2, 3, 4)
-    mask = random_mask(shape, 18)
+    mask = random_mask(shape, 18, keep_first=2)
     student = logits(shape, 19)
     student[:, :, ~mask.any(0)] = float("nan")
     student = student.masked_fill(~mask[:, None], float("inf")).requires_grad_()
@@ -202,7 +191,7 @@ def test_chunked_cpu_computation_matches_reference(monkeypatch, shape, activatio
     flat = torch.Size((shape[0], shape[1], math.prod(shape[2:])))
     assert len(_relations._chunk_spans(flat, torch.device("cpu"))[1]) >= 3
     student, teacher = logits(shape, 23), logits(shape, 24)
-    mask = random_mask(shape, 25) if len(shape) > 2 else None
+    mask = random_mask(shape, 25, keep_first=2) if len(shape) > 2 else None
     loss = DIST(tau=2.0, beta=0.7, activation=activation)
     expected = dist_loss(student, teacher, tau=2.0, beta=0.7, activation=activation, mask=mask)
     assert loss(student, teacher, mask=mask).item() == pytest.approx(expected, rel=1e-10)

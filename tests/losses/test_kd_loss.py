@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_inputs import logits, random_mask
 from losses_reference import kd_loss
 
 from distkd.errors import ConfigError, ShapeError
 from distkd.losses import KD, build_loss
-
-
-def logits(shape, seed, scale=3.0, dtype=torch.float64):
-    generator = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=generator)).to(dtype)
-
-
-def random_mask(shape, seed):
-    generator = torch.Generator().manual_seed(seed)
-    mask = torch.rand((shape[0], *shape[2:]), generator=generator) > 0.4
-    mask.view(-1)[0] = True
-    return mask
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5), (2, 3, 4, 5)])
