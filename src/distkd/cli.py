@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -47,7 +48,8 @@ def _train(args: argparse.Namespace) -> None:
     from distkd.api import train
 
     summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same summary
+        print(json.dumps(summary, indent=2))
 
 
 def _eval(args: argparse.Namespace) -> None:

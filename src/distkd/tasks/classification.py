@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Subset
 
 from distkd.config import DataConfig, RunConfig
 from distkd.data.augment import CropFlip
-from distkd.data.base import InMemoryData, Split
+from distkd.data.base import InMemoryData
 from distkd.data.loaders import TensorLoader
 from distkd.distill import Distiller, logits_of
 from distkd.distill.renormalize import Renormalize
@@ -22,7 +21,7 @@ from distkd.errors import ConfigError, UnknownNameError
 from distkd.models.adapters import input_stats
 from distkd.models.weights import weights_sha256
 from distkd.registry import nearest
-from distkd.tasks.common import build_model, build_teacher_and_terms, check_input
+from distkd.tasks.common import build_model, build_teacher_and_terms, check_input, eval_shard
 
 DATASETS = ("silhouettes", "cifar10", "cifar100", "imagefolder")
 
@@ -67,8 +66,6 @@ def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, L
 
     if isinstance(data, InMemoryData):
         def make(split, train: bool) -> TensorLoader:  # noqa: ANN001
-            if not train and world > 1:
-                split = Split(split.images[rank::world], split.labels[rank::world])
             return TensorLoader(
                 split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
                 mean=data.mean, std=data.std, device=device, shuffle=train, drop_last=train,
@@ -79,17 +76,14 @@ def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, L
         from distkd.data.imagefolder import FileLoader
 
         def make(split, train: bool) -> FileLoader:  # noqa: ANN001
-            if not train and world > 1:
-                split = Subset(split, range(rank, len(split), world))
             return FileLoader(
                 split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size, shuffle=train,
                 drop_last=train, num_workers=cfg.data.num_workers, num_classes=data.num_classes,
                 mixup=data.preset.mixup if train else None, device=device, channels_last=channels_last,
                 **sharding(train),
             )
-    test = make(data.test, False) if data.test is not None else None
-    return make(data.train, True), make(data.val, False), test
-
+    test = make(eval_shard(data.test), False) if data.test is not None else None
+    return make(data.train, True), make(eval_shard(data.val), False), test
 
 
 def build(cfg: RunConfig, device: torch.device) -> TrainSetup:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from distkd.config import ModelConfig, RunConfig
+from distkd.data.base import Split
 from distkd.distill import Term
+from distkd.engine import distributed
 from distkd.engine.trainer import Loader
 from distkd.errors import ConfigError
 from distkd.losses import build_loss
@@ -66,3 +69,17 @@ def check_input(model: nn.Module, loader: Loader, role: str) -> None:
         ) from None
     finally:
         model.train(was_training)
+
+
+def eval_shard(split: Split | Dataset) -> Split | Dataset:
+    """This rank's unpadded strided share ``split[rank::world_size]`` of an evaluation split.
+
+    Training loaders pad or trim their shards to divide evenly; evaluation must not, so that metrics summed
+    over ranks count every sample exactly once. One process gets the whole split.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        return split
+    if isinstance(split, Split):
+        return Split(split.images[rank::world], split.labels[rank::world])
+    return Subset(split, range(rank, len(split), world))

@@ -26,7 +26,7 @@ from distkd.engine.trainer import Loader, TrainSetup
 from distkd.errors import ConfigError, UnknownNameError
 from distkd.metrics.segmentation import ConfusionMatrix
 from distkd.registry import nearest
-from distkd.tasks.common import build_model, build_teacher_and_terms, check_input
+from distkd.tasks.common import build_model, build_teacher_and_terms, check_input, eval_shard
 
 DATASETS = ("scenes", "cityscapes", "voc")
 
@@ -63,25 +63,29 @@ def load_dataset(cfg: DataConfig, seed: int) -> InMemoryData | FileSegData:
 
 def build_loaders(cfg: RunConfig, data: InMemoryData | FileSegData,
                   device: torch.device) -> tuple[Loader, Loader, Loader | None]:
-    """Train/val/test loaders; file datasets evaluate one full image per batch."""
-    common = {"rank": distributed.rank(), "world_size": distributed.world_size(), "seed": cfg.seed,
-              "device": device, "channels_last": cfg.train.channels_last}
+    """Train/val/test loaders; file datasets evaluate one full image per batch.
+
+    Under DDP the training loader shards itself; val/test take unpadded shards (:func:`eval_shard`).
+    """
+    common = {"seed": cfg.seed, "device": device, "channels_last": cfg.train.channels_last}
+    sharded = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     if isinstance(data, InMemoryData):
         def make(split, train: bool) -> TensorLoader:  # noqa: ANN001
             return TensorLoader(
                 split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size, mean=data.mean,
                 std=data.std, shuffle=train, drop_last=train,
-                augment=CropFlip(cfg.data.crop_padding, cfg.data.flip) if train else None, **common,
+                augment=CropFlip(cfg.data.crop_padding, cfg.data.flip) if train else None,
+                **common, **(sharded if train else {}),
             )
 
-        test = make(data.test, False) if data.test is not None else None
-        return make(data.train, True), make(data.val, False), test
+        test = make(eval_shard(data.test), False) if data.test is not None else None
+        return make(data.train, True), make(eval_shard(data.val), False), test
     from distkd.data.imagefolder import FileLoader
 
     train = FileLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                       num_workers=cfg.data.num_workers, **common)
-    val = FileLoader(data.val, batch_size=1, shuffle=False, drop_last=False, num_workers=cfg.data.num_workers,
-                     **common)
+                       num_workers=cfg.data.num_workers, **common, **sharded)
+    val = FileLoader(eval_shard(data.val), batch_size=1, shuffle=False, drop_last=False,
+                     num_workers=cfg.data.num_workers, **common)
     return train, val, None
 
 
