@@ -228,10 +228,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], state["best"]
-        rng = state["rng"]
-        if isinstance(rng, list):  # one per rank (a single dict in older checkpoints)
-            rng = rng[distributed.rank()] if distributed.rank() < len(rng) else rng[0]
-        _set_rng_state(rng)
+        per_rank, rank = state["rng"], distributed.rank()  # one state per rank of the run that saved it
+        _set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
         self.progress.message(f"resumed from {path} at epoch {self.epoch}")
 
 
