@@ -199,6 +199,35 @@ def test_chunked_cpu_computation_matches_reference(monkeypatch, shape, activatio
     assert torch.autograd.gradcheck(lambda s: loss(s, teacher, mask=mask), (student,))
 
 
+def test_chunks_without_a_kept_position_add_nothing(monkeypatch):
+    # Chunks of 2 positions along the last dim; the mask drops every position of chunks 2 and 3.
+    monkeypatch.setattr(_relations, "CPU_CHUNK_ELEMENTS", max(1, 2 * 2 * 3 // torch.get_num_threads()))
+    shape = (2, 3, 8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[:, 2:6] = False
+    student, teacher = logits(shape, 28), logits(shape, 29)
+    loss = DIST(tau=2.0)
+    assert loss(student, teacher, mask=mask).item() == pytest.approx(
+        dist_loss(student, teacher, tau=2.0, mask=mask), rel=1e-10
+    )
+    student.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: loss(s, teacher, mask=mask), (student,))
+
+
+def test_rare_class_keeps_its_precision_in_float32(monkeypatch):
+    # Class 0 has probability ~1e-4 everywhere, spread about as much: its column must be centred
+    # about its own mean. Raw moments about a shift such as 1 / C cancel ~6 digits in float32 here
+    # and turn that class's correlation from -0.03 into +0.58.
+    monkeypatch.setattr(_relations, "CPU_CHUNK_ELEMENTS", 64)  # several chunks, merged
+    student, teacher = logits((512, 5), 30, scale=1.0), logits((512, 5), 31, scale=1.0)
+    student[:, 0] -= 9.0
+    teacher[:, 0] -= 9.0
+    _, exact = DIST()(student, teacher, return_parts=True)
+    _, single = DIST()(student.float(), teacher.float(), return_parts=True)
+    assert exact["intra"].item() == pytest.approx(dist_terms(student, teacher)[1], rel=1e-10)
+    assert single["intra"].item() == pytest.approx(exact["intra"].item(), abs=1e-5)
+
+
 @pytest.mark.parametrize("name", ["dist", "kd", "dkd"])
 def test_losses_inside_cpu_autocast_equal_the_plain_call_in_float32(name):
     student, teacher = logits((16, 10), 26, dtype=torch.bfloat16), logits((16, 10), 27, dtype=torch.bfloat16)

@@ -1,26 +1,31 @@
-"""DIST's two relation terms with a hand-written backward (fewer passes and saved tensors).
+"""DIST's two relation terms in one pass over the data, with a hand-written backward.
 
 For logits ``z_s``, ``z_t`` viewed as ``(N, C, S)`` (instance ``i = (n, s)``, class ``j``),
 probabilities ``y = softmax(z / tau)`` over ``j`` (or ``sigmoid(z / tau)``) and 0/1 weights ``w``
-``(N, 1, S)``:
+``(N, 1, S)`` (the kept positions; a dropped position counts as logits 0 and then as nothing):
 
 - ``inter = sum_i w_i (1 - rho(y_s[i, :], y_t[i, :])) / max(n, 1)``, ``n = sum_i w_i`` (local);
 - ``intra = (1 - mean_j rho(y_s[w, j], y_t[w, j])) * [n > 0]``, columns over the kept instances;
 
 with ``rho(a, b) = <a - mean a, b - mean b> / (||a - mean a|| * ||b - mean b|| + eps)``, every
-sum computed on centred vectors (two passes, no cancellation from raw moments).
+sum taken over centred values: a row about its mean (``1 / C`` under a softmax), a column about
+the mean of the chunk it lies in, the chunks' moments then merged about the column's mean (Chan
+et al.'s pairwise update). Raw moments would cancel badly: a rare class's probabilities sit far
+from any fixed shift such as ``1 / C``.
 
 The gradient of ``rho`` w.r.t. ``a`` is ``B / D - c * A`` with ``A``, ``B`` the centred vectors,
 ``D = |A| |B| + eps`` and ``c = <A, B> |B| / (|A| D^2)``; it has zero mean, so the centring
 projection leaves it unchanged. Both terms' gradients w.r.t. ``y_s`` are therefore
 ``y_t * U - y_s * V + R`` with ``U``, ``V``, ``R`` sums of a per-instance and a per-class vector:
-the backward needs only ``y_s``, ``y_t`` and vectors, never the centred copies.
+the backward needs only ``y_s``, ``y_t`` and vectors, never the centred copies. Under a softmax
+the per-instance part of ``R`` drops out (``y * (g - <g, y>)`` cancels a constant added to ``g``).
 
-On the CPU the work runs in chunks of about ``CPU_CHUNK_ELEMENTS`` elements per thread (along
-``S`` for dense inputs, along ``N`` otherwise), so the dozen elementwise passes each chunk needs
-stay in the cores' caches instead of streaming the whole tensor from memory each time (about 1.5x
-faster for dense inputs on one thread). Chunking only changes the order of floating-point sums.
-Other devices get one chunk.
+The work is memory-bound, so it is arranged to touch memory as little as possible: one sweep over
+cache-sized chunks (about ``CPU_CHUNK_ELEMENTS`` elements per thread, along ``S`` for dense
+inputs and along ``N`` otherwise; other devices get one chunk) computes the probabilities (saved
+for the backward) and both terms' moments while the chunk is cached, with the temporaries in one
+reused scratch buffer and the squares taken in place. Chunking only changes the order of
+floating-point sums.
 
 With ``global_batch`` the per-class statistics are summed over the ranks of the default process
 group, and the intra term's incoming gradient is summed over ranks in the backward: this is the
@@ -36,7 +41,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 EPS = 1e-8
-CPU_CHUNK_ELEMENTS = 1 << 18
+CPU_CHUNK_ELEMENTS = 1 << 17
 
 
 def _world_size() -> int:
@@ -50,35 +55,14 @@ def _all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
-def _correlation_parts(dot: Tensor, square_a: Tensor, square_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``rho``, ``1 / D`` and ``c`` (see the module docstring) from ``<A, B>``, ``|A|^2``, ``|B|^2``."""
-    norm_a, norm_b = square_a.sqrt(), square_b.sqrt()
-    denominator = norm_a * norm_b + EPS
-    rho = dot / denominator
-    # |A| = 0 implies <A, B> = 0: c is 0 there, so any non-zero divisor does.
-    c = rho * norm_b / (torch.where(norm_a > 0, norm_a, 1.0) * denominator)
-    return rho, denominator.reciprocal(), c
-
-
-def _centred_moments(
-    y_s: Tensor,
-    y_t: Tensor,
-    mean_s: Tensor,
-    mean_t: Tensor,
-    weights: Tensor | None,
-    dim: int | tuple[int, ...],
-    keepdim: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``<A, B>``, ``|A|^2``, ``|B|^2`` along ``dim`` of ``A = w (y_s - mean_s)``, ``B = w (y_t - mean_t)``."""
-    a, b = y_s - mean_s, y_t - mean_t
-    if weights is not None:
-        a.mul_(weights)
-        b.mul_(weights)
-    product = torch.mul(a, b)
-    dot = product.sum(dim, keepdim=keepdim)
-    square_a = torch.mul(a, a, out=product).sum(dim, keepdim=keepdim)
-    square_b = torch.mul(b, b, out=product).sum(dim, keepdim=keepdim)
-    return dot, square_a, square_b
+def _correlation_parts(moments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``rho``, ``1 / D`` and ``c`` (see the module docstring) from stacked ``<A, B>, |A|^2, |B|^2``."""
+    norm_a, norm_b = moments[1:].sqrt()
+    inv_d = torch.mul(norm_a, norm_b).add_(EPS).reciprocal_()
+    rho = moments[0] * inv_d
+    # |A| = 0 implies <A, B> = 0: c is 0 there, so any positive divisor does.
+    c = (rho * inv_d).mul_(norm_b).div_(norm_a.clamp_min(torch.finfo(norm_a.dtype).tiny))
+    return rho, inv_d, c
 
 
 def _chunk_spans(shape: torch.Size, device: torch.device) -> tuple[int, list[tuple[int, int]]]:
@@ -93,81 +77,136 @@ def _chunk_spans(shape: torch.Size, device: torch.device) -> tuple[int, list[tup
     return dim, [(start, min(step, length - start)) for start in range(0, length, step)]
 
 
-def _activate(logits: Tensor, tau: float, sigmoid: bool) -> Tensor:
-    scaled = logits if tau == 1.0 else logits / tau
+def _activate(logits: Tensor, keep: Tensor | None, tau: float, sigmoid: bool, scratch: Tensor) -> Tensor:
+    """Probabilities of ``logits`` ``(n, C, l)`` at temperature ``tau`` (a fresh tensor).
+
+    A position ``keep`` ``(n, 1, l)`` drops counts as logits 0, whatever it holds (even inf or NaN).
+    ``scratch`` (same shape) receives the scaled logits.
+    """
+    if keep is not None:
+        scaled = torch.where(keep, logits, logits.new_zeros(()), out=scratch).div_(tau)
+    else:
+        scaled = torch.div(logits, tau, out=scratch)
     return scaled.sigmoid() if sigmoid else scaled.softmax(1)
 
 
+def _centred_moments(
+    out: Tensor,
+    y_s: Tensor,
+    y_t: Tensor,
+    means: tuple[Tensor | float, Tensor | float],
+    dim: int | tuple[int, ...],
+    scratch: Tensor,
+    weights: Tensor | None = None,
+) -> None:
+    """Writes ``<A, B>``, ``|A|^2``, ``|B|^2`` summed along ``dim`` (kept) to ``out[0]``, ``[1]``, ``[2]``.
+
+    ``A = w (y_s - means[0])``, ``B = w (y_t - means[1])``, built in ``scratch`` ``(3, *y_s.shape)``.
+    """
+    a = torch.sub(y_s, means[0], out=scratch[0])
+    b = torch.sub(y_t, means[1], out=scratch[1])
+    if weights is not None:
+        a.mul_(weights)
+        b.mul_(weights)
+    keepdim = isinstance(dim, int)
+    torch.sum(torch.mul(a, b, out=scratch[2]), dim, keepdim=keepdim, out=out[0])
+    torch.sum(a.square_(), dim, keepdim=keepdim, out=out[1])
+    torch.sum(b.square_(), dim, keepdim=keepdim, out=out[2])
+
+
+def _merge_moments(counts: Tensor, sums: Tensor, moments: Tensor, mean: Tensor) -> Tensor:
+    """Co-moments about ``mean`` ``(2, C)`` of groups with their own: ``(3, C)`` (Chan et al.).
+
+    Group ``k`` has ``counts[k]`` instances, per-class sums ``sums[k]`` ``(2, C)`` and centred
+    co-moments ``moments[k]`` ``(3, C)`` about its own means: each adds those plus
+    ``count * (its means - mean)`` products. Exact, and free of the raw moments' cancellation.
+    """
+    deviation = sums / counts.clamp_min(1.0).view(-1, 1, 1) - mean  # (K, 2, C)
+    weighted = deviation * counts.view(-1, 1, 1)
+    between = torch.stack([weighted[:, 0] * deviation[:, 1], weighted[:, 0] * deviation[:, 0],
+                           weighted[:, 1] * deviation[:, 1]], 1)  # fmt: skip
+    return (moments + between).sum(0)
+
+
 class _RelationTerms(torch.autograd.Function):
-    """``(z_s, z_t, weights, tau, sigmoid, global_batch) -> (inter, intra)``; gradient w.r.t. ``z_s``."""
+    """``(z_s, z_t, keep, tau, sigmoid, global_batch) -> (inter, intra)``; gradient w.r.t. ``z_s``."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
         z_s: Tensor,
         z_t: Tensor,
-        weights: Tensor | None,
+        keep: Tensor | None,
         tau: float,
         sigmoid: bool,
         global_batch: bool,
     ) -> tuple[Tensor, Tensor]:
-        num_classes = z_s.shape[1]
-        dims = (0, 2)
+        (n, num_classes, s), dims = z_s.shape, (0, 2)
         dim, spans = _chunk_spans(z_s.shape, z_s.device)
+        weights = None if keep is None else keep.to(z_s.dtype)
+        scratch_shape = [n, num_classes, s]
+        scratch_shape[dim] = spans[0][1]
+        scratch = z_s.new_empty(3, *scratch_shape)  # the chunks' temporaries, reused: they stay cached
 
-        def part(x: Tensor | None, start: int, length: int) -> Tensor | None:
-            return None if x is None else x.narrow(dim, start, length)
+        def part(x: Tensor, start: int, length: int) -> Tensor:
+            return x.narrow(dim, start, length)
 
-        # Sweep 1: probabilities; inter-class moments per instance (over the class dim); column sums.
-        probs_s, probs_t, row_stats = [], [], []
-        col_sums = z_s.new_zeros(2 * num_classes)
-        for start, length in spans:
-            y_s = _activate(z_s.narrow(dim, start, length), tau, sigmoid)
-            y_t = _activate(z_t.narrow(dim, start, length), tau, sigmoid)
+        # One sweep over the chunks: probabilities; inter-class moments per instance (over the class
+        # dim); per chunk, the count, per-class sums and intra-class moments about the chunk's means.
+        probs_s, probs_t = [], []
+        row_stats = z_s.new_empty(3, n, 1, s)
+        row_means = z_s.new_empty(2, n, 1, s) if sigmoid else None
+        counts, col_sums = z_s.new_empty(len(spans)), z_s.new_empty(len(spans), 2, num_classes)
+        col_moments = z_s.new_empty(len(spans), 3, num_classes)
+        for k, (start, length) in enumerate(spans):
+            work = scratch.narrow(dim + 1, 0, length)
+            keep_part = None if keep is None else part(keep, start, length)
+            y_s = _activate(part(z_s, start, length), keep_part, tau, sigmoid, work[0])
+            y_t = _activate(part(z_t, start, length), keep_part, tau, sigmoid, work[1])
             if sigmoid:
-                mean_s, mean_t = y_s.mean(1, keepdim=True), y_t.mean(1, keepdim=True)
+                means = row_means.narrow(dim + 1, start, length)
+                torch.mean(y_s, 1, keepdim=True, out=means[0])
+                torch.mean(y_t, 1, keepdim=True, out=means[1])
             else:  # a softmax row sums to 1: its mean is 1 / C
-                mean_s = mean_t = y_s.new_full((y_s.shape[0], 1, y_s.shape[2]), 1.0 / num_classes)
-            moments = _centred_moments(y_s, y_t, mean_s, mean_t, None, dim=1, keepdim=True)
-            row_stats.append(torch.cat([mean_s, mean_t, *moments], 1))
-            w = part(weights, start, length)
-            col_sums[:num_classes] += (y_s if w is None else y_s * w).sum(dims)
-            col_sums[num_classes:] += (y_t if w is None else y_t * w).sum(dims)
+                means = (1.0 / num_classes, 1.0 / num_classes)
+            _centred_moments(row_stats.narrow(dim + 1, start, length), y_s, y_t, means, 1, work)
+            if weights is None:
+                counts[k] = length * (n if dim == 2 else 1)
+                torch.sum(y_s, dims, out=col_sums[k, 0])
+                torch.sum(y_t, dims, out=col_sums[k, 1])
+            else:
+                w = part(weights, start, length)
+                torch.sum(w, (0, 1, 2), out=counts[k])
+                torch.sum(torch.mul(y_s, w, out=work[0]), dims, out=col_sums[k, 0])
+                torch.sum(torch.mul(y_t, w, out=work[0]), dims, out=col_sums[k, 1])
+            chunk_means = (col_sums[k] / counts[k].clamp_min(1.0)).unsqueeze(-1)  # (2, C, 1)
+            _centred_moments(col_moments[k], y_s, y_t, chunk_means, dims, work, None if weights is None else w)
             probs_s.append(y_s)
             probs_t.append(y_t)
-        mean_s_row, mean_t_row, *row_moments = torch.cat(row_stats, dim).unbind(1)
-        rho_row, inv_d_row, c_row = _correlation_parts(*row_moments)
+        rho_row, inv_d_row, c_row = _correlation_parts(row_stats)  # each (N, 1, S)
 
-        # Column means over the kept instances (of all ranks with global_batch).
-        if weights is None:
-            local_count = z_s.new_tensor(float(z_s.shape[0] * z_s.shape[2]))
-        else:
-            local_count = weights.sum()
-        sums = torch.cat([col_sums, local_count.view(1)])
+        # Per-class means over the kept instances (of all ranks with global_batch), then the
+        # intra-class moments about them.
+        local_count = counts.sum()
+        totals = torch.cat([col_sums.sum(0).view(-1), local_count.view(1)])
         if global_batch:
-            sums = _all_reduce_sum(sums)
-        count = sums[-1]
-        mean_s_col, mean_t_col = (sums[:-1] / count.clamp_min(1.0)).view(2, 1, num_classes, 1)
-
-        # Sweep 2: intra-class moments per class, over the kept instances.
-        col_moments = z_s.new_zeros(3 * num_classes)
-        for (start, length), y_s, y_t in zip(spans, probs_s, probs_t, strict=True):
-            w = part(weights, start, length)
-            col_moments += torch.cat(_centred_moments(y_s, y_t, mean_s_col, mean_t_col, w, dim=dims))
+            totals = _all_reduce_sum(totals)
+        count = totals[-1]
+        col_means = (totals[:-1] / count.clamp_min(1.0)).view(2, num_classes)
+        moments = _merge_moments(counts, col_sums, col_moments, col_means)
         if global_batch:
-            col_moments = _all_reduce_sum(col_moments)
-        rho_col, inv_d_col, c_col = _correlation_parts(*col_moments.view(3, num_classes))
+            moments = _all_reduce_sum(moments)
+        rho_col, inv_d_col, c_col = _correlation_parts(moments.view(3, 1, num_classes, 1))  # each (1, C, 1)
 
         kept = count > 0
         if weights is None:
             inter = (1.0 - rho_row).mean()
         else:
-            inter = ((1.0 - rho_row) * weights.squeeze(1)).sum() / local_count.clamp_min(1.0)
+            inter = ((1.0 - rho_row) * weights).sum() / local_count.clamp_min(1.0)
         intra = (1.0 - rho_col.mean()) * kept.to(rho_col.dtype)
         ctx.save_for_backward(
-            weights, mean_s_row.unsqueeze(1), mean_t_row.unsqueeze(1), inv_d_row.unsqueeze(1),
-            c_row.unsqueeze(1), mean_s_col, mean_t_col, inv_d_col.view(1, num_classes, 1),
-            c_col.view(1, num_classes, 1), local_count, kept, *probs_s, *probs_t,
+            weights, inv_d_row, c_row, row_means, col_means.view(2, 1, num_classes, 1), inv_d_col, c_col,
+            local_count, kept, *probs_s, *probs_t,
         )  # fmt: skip
         ctx.layout = (z_s.shape, dim, spans, tau, sigmoid, global_batch)
         return inter, intra
@@ -176,56 +215,52 @@ class _RelationTerms(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_inter: Tensor, grad_intra: Tensor) -> tuple[Tensor | None, ...]:
         shape, dim, spans, tau, sigmoid, global_batch = ctx.layout
-        (weights, mean_s_row, mean_t_row, inv_d_row, c_row, mean_s_col, mean_t_col, inv_d_col, c_col,
-         local_count, kept, *probs) = ctx.saved_tensors  # fmt: skip
+        weights, inv_d_row, c_row, row_means, col_means, inv_d_col, c_col, local_count, kept, *probs = ctx.saved_tensors
         if global_batch:
             grad_intra = _all_reduce_sum(grad_intra.clone())
-        # d inter / d rho_i = -w_i / n_local ; d intra / d rho_j = -[n_global > 0] / C.
-        k_row = -grad_inter / local_count.clamp_min(1.0)
-        if weights is not None:
-            k_row = k_row * weights
-        k_col = -grad_intra * kept.to(grad_intra.dtype) / shape[1]
+        # d inter / d rho_i = -w_i / n_local ; d intra / d rho_j = -[n_global > 0] / C; d y / d (z / tau)
+        # carries the 1 / tau. Dropped positions get their gradient zeroed at the end.
+        k_row = -grad_inter / (local_count.clamp_min(1.0) * tau)
+        k_col = -grad_intra * kept.to(grad_intra.dtype) / (shape[1] * tau)
         u_row, v_row = k_row * inv_d_row, k_row * c_row
         u_col, v_col = k_col * inv_d_col, k_col * c_col
-        r_row = v_row * mean_s_row - u_row * mean_t_row
-        r_col = v_col * mean_s_col - u_col * mean_t_col
+        r_col = v_col * col_means[0] - u_col * col_means[1]
+        if sigmoid:
+            r_row = v_row * row_means[0] - u_row * row_means[1]
         grad = probs[0].new_empty(shape)
+        scratch = probs[0].new_empty(probs[0].shape)  # g of every chunk, reused: it stays cached
         for (start, length), y_s, y_t in zip(spans, probs[: len(spans)], probs[len(spans) :], strict=True):
-            if weights is None:
-                u = u_row.narrow(dim, start, length) + u_col
-                v = v_row.narrow(dim, start, length) + v_col
-                r = r_row.narrow(dim, start, length) + r_col
-            else:
-                w = weights.narrow(dim, start, length)
-                u = torch.addcmul(u_row.narrow(dim, start, length), w, u_col)
-                v = torch.addcmul(v_row.narrow(dim, start, length), w, v_col)
-                r = torch.addcmul(r_row.narrow(dim, start, length), w, r_col)
-            grad_y = r.addcmul_(y_t, u).addcmul_(y_s, v, value=-1.0)
-            out = grad.narrow(dim, start, length)
+            u_part, v_part = u_row.narrow(dim, start, length), v_row.narrow(dim, start, length)
+            # g = dL/dy_s = y_t * (u_row + u_col) - y_s * (v_row + v_col) + r_row + r_col
+            g = torch.addcmul(r_col, y_t, u_part, out=scratch.narrow(dim, 0, length)).addcmul_(y_t, u_col)
+            g.addcmul_(y_s, v_part, value=-1.0).addcmul_(y_s, v_col, value=-1.0)
             if sigmoid:
-                torch.mul(grad_y, y_s * (1.0 - y_s), out=out)
-            else:  # softmax: y * (g - <g, y>)
-                grad_y.sub_((grad_y * y_s).sum(1, keepdim=True))
-                torch.mul(grad_y, y_s, out=out)
-            if tau != 1.0:
-                out.div_(tau)
+                g.add_(r_row.narrow(dim, start, length))
+            out = torch.mul(g, y_s, out=grad.narrow(dim, start, length))
+            if sigmoid:  # g * y * (1 - y)
+                out.addcmul_(out, y_s, value=-1.0)
+            else:  # y * (g - <g, y>)
+                out.addcmul_(y_s, out.sum(1, keepdim=True), value=-1.0)
+            if weights is not None:
+                out.mul_(weights.narrow(dim, start, length))
         return grad, None, None, None, None, None
 
 
 def relation_terms(
     z_s: Tensor,
     z_t: Tensor,
-    weights: Tensor | None,
+    keep: Tensor | None,
     *,
     tau: float = 1.0,
     activation: str = "softmax",
     global_batch: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """DIST's ``(inter, intra)`` terms of logits ``(N, C, S)``; ``weights``: 0/1 ``(N, 1, S)`` or None.
+    """DIST's ``(inter, intra)`` terms of logits ``(N, C, S)``; ``keep``: bool ``(N, 1, S)`` or None.
 
     ``activation``: ``"softmax"`` over dim 1 or ``"sigmoid"``, at temperature ``tau``.
     ``global_batch`` sums the intra term's statistics over all ranks (when a process group with
-    more than one rank is initialised). A term with no kept instance is 0.
+    more than one rank is initialised). A term with no kept instance is 0. Positions ``keep``
+    drops take no part in value or gradient, whatever they hold.
     """
     global_batch = global_batch and _world_size() > 1
-    return _RelationTerms.apply(z_s, z_t.detach(), weights, tau, activation == "sigmoid", global_batch)
+    return _RelationTerms.apply(z_s, z_t.detach(), keep, tau, activation == "sigmoid", global_batch)

@@ -36,7 +36,6 @@ from distkd.losses._inputs import (
     check_non_negative,
     check_positive,
     instance_mask,
-    zero_masked,
 )
 from distkd.losses._relations import relation_terms
 
@@ -109,11 +108,9 @@ class DIST(nn.Module):
         """
         z_s, z_t = as_instances(student, teacher)
         keep = instance_mask(mask, student.shape)
-        weights = None if keep is None else keep.to(z_s.dtype)
         inter, intra = relation_terms(
-            zero_masked(z_s, keep), zero_masked(z_t, keep), weights, tau=self.tau,
-            activation=self.activation, global_batch=self.global_intra,
-        )  # fmt: skip
+            z_s, z_t, keep, tau=self.tau, activation=self.activation, global_batch=self.global_intra
+        )
         scale = self.tau**2 if self.tau_squared else 1.0
         loss = scale * (self.beta * inter + self.gamma * intra)
         if return_parts:
