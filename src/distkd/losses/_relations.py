@@ -83,10 +83,12 @@ def _activate(logits: Tensor, keep: Tensor | None, tau: float, sigmoid: bool, sc
     A position ``keep`` ``(n, 1, l)`` drops counts as logits 0, whatever it holds (even inf or NaN).
     ``scratch`` (same shape) receives the scaled logits.
     """
-    if keep is not None:
-        scaled = torch.where(keep, logits, logits.new_zeros(()), out=scratch).div_(tau)
-    else:
+    if keep is None:
         scaled = torch.div(logits, tau, out=scratch)
+    else:
+        scaled = torch.where(keep, logits, logits.new_zeros(()), out=scratch)
+        if tau != 1.0:
+            scaled.div_(tau)
     return scaled.sigmoid() if sigmoid else scaled.softmax(1)
 
 
@@ -99,9 +101,10 @@ def _centred_moments(
     scratch: Tensor,
     weights: Tensor | None = None,
 ) -> None:
-    """Writes ``<A, B>``, ``|A|^2``, ``|B|^2`` summed along ``dim`` (kept) to ``out[0]``, ``[1]``, ``[2]``.
+    """Writes ``<A, B>``, ``|A|^2``, ``|B|^2`` summed along ``dim`` to ``out[0]``, ``[1]``, ``[2]``.
 
     ``A = w (y_s - means[0])``, ``B = w (y_t - means[1])``, built in ``scratch`` ``(3, *y_s.shape)``.
+    A single ``dim`` stays as a size-1 dim (per-row sums); a tuple of dims is summed away.
     """
     a = torch.sub(y_s, means[0], out=scratch[0])
     b = torch.sub(y_t, means[1], out=scratch[1])
