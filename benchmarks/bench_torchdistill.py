@@ -53,7 +53,7 @@ from distkd.config import RunConfig, TrainConfig  # noqa: E402
 from distkd.data.augment import CropFlip  # noqa: E402
 from distkd.data.base import Split  # noqa: E402
 from distkd.data.loaders import TensorLoader  # noqa: E402
-from distkd.distill import Distiller, Term  # noqa: E402
+from distkd.distill import Distiller, SingleInputStep, Term  # noqa: E402
 from distkd.engine.trainer import Trainer, TrainSetup  # noqa: E402
 from distkd.losses import build_loss  # noqa: E402
 from distkd.models import create_model  # noqa: E402
@@ -90,14 +90,19 @@ def distkd_epoch(args: argparse.Namespace, split: Split, run_dir: Path, channels
     loader = TensorLoader(split, batch_size=args.batch, mean=MEAN, std=STD, augment=CropFlip(4, True), shuffle=True,
                           drop_last=True, channels_last=channels_last)
 
-    def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output.float(), target)
+    def cross_entropy(output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        return {"ce": F.cross_entropy(output.float(), target)}
 
     dist = build_loss("dist", beta=1.0, gamma=1.0, tau=TAU)
-    distiller = Distiller(student, teacher, [Term("dist", dist, DIST_WEIGHT)], task_loss=cross_entropy)
+    distiller = Distiller(student, teacher, [Term("dist", dist, DIST_WEIGHT)], SingleInputStep(cross_entropy))
     trainer = Trainer(cfg, TrainSetup(distiller, loader, loader, None, lambda m, loader: {}, "top1"),
                       torch.device("cpu"), run_dir)
-    return trainer._train_epoch
+
+    def epoch(index: int) -> None:
+        trainer.epoch = index
+        trainer._train_epoch()
+
+    return epoch
 
 
 def torchdistill_epoch(args: argparse.Namespace, images: np.ndarray, labels: list[int],

@@ -35,8 +35,7 @@ def one_thread() -> Iterator[None]:
 
 def demo_config(name: str, out_dir: Path, *overrides: str) -> RunConfig:
     """A bundled demo config (e.g. ``demo/student.yaml``) made small by FAST, writing under ``out_dir``."""
-    from distkd.cli import resolve_config_path
-    from distkd.config import load_config
+    from distkd.config import load_config, resolve_config_path
 
     return load_config(resolve_config_path(name), [*FAST, f"out_dir={out_dir}", *overrides])
 

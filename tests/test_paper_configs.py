@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torchvision
 
-from distkd.cli import bundled_configs, resolve_config_path
-from distkd.config import RunConfig, load_config
+from distkd.config import RunConfig, bundled_configs, load_config, resolve_config_path
 from distkd.models import MODELS, create_model, list_models
 from distkd.published import PUBLISHED, SOURCES
 from distkd.reproduce import CIFAR_PAIRS, TABLES

@@ -27,6 +27,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _train(cfg: RunConfig, device: torch.device, resume: bool) -> dict[str, Any]:
+    task = get_task(cfg.task)  # an unknown task fails before anything is written
     run_dir = cfg.run_dir
     last = run_dir / "checkpoints" / "last.pt"
     if resume:
@@ -35,7 +36,7 @@ def _train(cfg: RunConfig, device: torch.device, resume: bool) -> dict[str, Any]
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or set name=... for a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed + distributed.rank())  # differs by rank; DDP then gives every rank rank 0's student
-    setup = get_task(cfg.task).build(cfg, device)
+    setup = task.build(cfg, device)
     return Trainer(cfg, setup, device, run_dir).fit(resume=resume)
 
 
@@ -44,8 +45,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "val") -> dict[str, float
     state = load_state(Path(path))
     cfg = from_dict(RunConfig, state["config"])
     cfg = dataclasses.replace(cfg, teacher=None, loss=dataclasses.replace(cfg.loss, distill=[]))
-    device = _device(cfg.train)
     task = get_task(cfg.task)
+    device = _device(cfg.train)
     data = task.load_dataset(cfg.data, cfg.seed)
     loaders = dict(zip(("train", "val", "test"), task.build_loaders(cfg, data, device), strict=True))
     if loaders.get(split) is None:

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distkd.config import OptimConfig
-from distkd.distill import Distiller, Term
+from distkd.data.batch import Batch
+from distkd.distill import Distiller, SingleInputStep, Term
 from distkd.engine.optim import build_optimizer
 from distkd.errors import ConfigError
 from distkd.losses import build_loss
@@ -100,12 +101,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     with torch.no_grad(), _autocast(device, cfg.amp):  # float32 logits, as the cache loader yields them
         cached_logits = [teacher(x).float() for x, _ in batches]
 
-    def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output.float(), target)
+    def cross_entropy(output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        return {"ce": F.cross_entropy(output.float(), target)}
 
     dist = build_loss("dist", beta=1.0, gamma=1.0, tau=4.0)
-    alone = Distiller(run_student, None, task_loss=cross_entropy)
-    distiller = Distiller(run_student, live_teacher, [Term("dist", dist, 2.0)], task_loss=cross_entropy)
+    alone = Distiller(run_student, None, step=SingleInputStep(cross_entropy))
+    distiller = Distiller(run_student, live_teacher, [Term("dist", dist, 2.0)], SingleInputStep(cross_entropy))
     alone.train()
     distiller.train()
     optimizer = build_optimizer(student, OptimConfig(lr=0.01))
@@ -114,7 +115,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     def train_step(model: Distiller, i: int, cached: bool) -> None:
         x, y = batches[i % POOL]
         with _autocast(device, cfg.amp):
-            step = model(x, y, 0, cached_logits[i % POOL] if cached else None)
+            step = model(Batch(x, y, teacher=cached_logits[i % POOL] if cached else None), 0)
         loss = sum(step.losses.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

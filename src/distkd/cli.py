@@ -9,35 +9,10 @@ import argparse
 import json
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
+from distkd.config import bundled_configs, resolve_config_path
 from distkd.errors import DistkdError
-
-
-def bundled_configs() -> list[str]:
-    """Paths (relative to the bundled ``configs`` folder) of every config shipped with distkd."""
-    root = resources.files("distkd").joinpath("configs")
-    found: list[str] = []
-
-    def walk(node, prefix: str) -> None:  # noqa: ANN001 - importlib Traversable
-        for child in sorted(node.iterdir(), key=lambda c: c.name):
-            if child.is_dir():
-                walk(child, f"{prefix}{child.name}/")
-            elif child.name.endswith(".yaml") and not child.name.startswith("_"):
-                found.append(f"{prefix}{child.name}")
-
-    walk(root, "")
-    return found
-
-
-def resolve_config_path(name: str) -> Path:
-    """A config given as a file path, or as a bundled name such as ``demo/teacher.yaml``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    bundled = resources.files("distkd").joinpath("configs", name)
-    return Path(str(bundled)) if bundled.is_file() else path
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,10 @@ class TermConfig:
     """One distillation term: ``weight * build_loss(loss, **kwargs)(student[src], teacher[src])``.
 
     ``student``/``teacher`` name what is compared: ``logits`` (the model output), a key of a dict output
-    (e.g. ``aux``), or a module path tapped by a forward hook (e.g. ``layer3``).
+    (e.g. ``aux``), or a module path tapped by a forward hook (e.g. ``layer3``; a module called several times
+    per forward, such as a head shared by FPN levels, gives one loss per call, summed). ``transform`` reshapes
+    both sides first (``none``, ``class_last``, ``flatten``, ``pool``). ``lr``/``weight_decay``: the optimizer
+    settings of the loss's own trainable state (adapters), when it has any; null: ``optim``'s.
     """
 
     loss: str = "dist"
@@ -49,6 +53,9 @@ class TermConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     student: str = "logits"
     teacher: str = "logits"
+    transform: str = "none"
+    lr: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
+    weight_decay: float | None = field(default=None, metadata=_check(0))
 
 
 @dataclass
@@ -111,7 +118,12 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop's compute and bookkeeping settings."""
+    """The loop's compute and bookkeeping settings.
+
+    Length: ``epochs``, or ``max_steps`` optimizer steps (the schedule then spans ``max_steps``; the last
+    epoch may be cut short). Each optimizer step sums the gradients of ``accumulate`` batches (the loss of
+    each divided by the number in its group; an epoch's last group may be smaller).
+    """
 
     epochs: int = field(default=10, metadata=_check(1))
     device: str = "auto"
@@ -122,6 +134,11 @@ class TrainConfig:
     ema_decay: float | None = field(default=None, metadata=_check(0, 1))
     threads: int | None = field(default=None, metadata=_check(1))
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    max_steps: int | None = field(default=None, metadata=_check(1))  # optimizer steps; replaces epochs when set
+    accumulate: int = field(default=1, metadata=_check(1))  # micro-batches per optimizer step
+    eval_every: int | None = field(default=None, metadata=_check(1))  # steps; null: at the end of every epoch
+    checkpoint_every: int | None = field(default=None, metadata=_check(1))  # steps, besides every epoch's end
+    log_every: int | None = field(default=None, metadata=_check(1))  # steps between train_step/* records
 
 
 @dataclass
@@ -140,7 +157,7 @@ class TeacherCacheConfig:
 class RunConfig:
     """Everything one ``distkd train`` run needs. ``teacher`` is None when training a teacher/baseline."""
 
-    task: Literal["classification", "segmentation"] = "classification"
+    task: str = "classification"  # a registered task (distkd.tasks): classification, segmentation
     name: str = "run"
     out_dir: str = "runs"
     seed: int = 0
@@ -161,9 +178,35 @@ class RunConfig:
 # ----------------------------------------------------------------------------- loading
 
 
+def bundled_configs() -> list[str]:
+    """Paths (relative to the bundled ``configs`` folder) of every config shipped with distkd."""
+    root = resources.files("distkd").joinpath("configs")
+    found: list[str] = []
+
+    def walk(node, prefix: str) -> None:  # noqa: ANN001 - importlib Traversable
+        for child in sorted(node.iterdir(), key=lambda c: c.name):
+            if child.is_dir():
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".yaml") and not child.name.startswith("_"):
+                found.append(f"{prefix}{child.name}")
+
+    walk(root, "")
+    return found
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config given as a file path, or as a bundled name such as ``demo/teacher.yaml``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = resources.files("distkd").joinpath("configs", str(name))
+    return Path(str(bundled)) if bundled.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read ``path`` (YAML, with ``base:`` inheritance), apply ``overrides``, validate into a RunConfig."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    """Read ``path`` (a YAML file or a bundled name, with ``base:`` inheritance), apply ``overrides``, validate
+    into a RunConfig."""
+    raw = _read_yaml(resolve_config_path(path)) if path is not None else {}
     for item in overrides:
         _apply_override(raw, item)
     return from_dict(RunConfig, raw)
@@ -194,7 +237,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), data)
+    beside, bundled = path.parent / str(base), resolve_config_path(str(base))  # beside the file, else bundled
+    target = bundled if not beside.is_file() and bundled.is_file() else beside
+    return _merge(_read_yaml(target, (*seen, path.resolve())), data)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distkd.api import train
-from distkd.cli import resolve_config_path
-from distkd.config import RunConfig, load_config
+from distkd.config import RunConfig, load_config, resolve_config_path
 from distkd.models import create_model
 
 CONFIGS = {

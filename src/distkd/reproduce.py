@@ -239,7 +239,7 @@ def reproduce(table_name: str, rows: Sequence[str] | None = None, seeds: int = 1
     or ``train.epochs=1``. ``teacher_ckpts``: ``ROW=PATH`` or ``TEACHER_KEY=PATH`` items that skip
     training that teacher. Runs go through :func:`distkd.api.train`, in this process.
     """
-    from distkd.cli import resolve_config_path
+    from distkd.config import resolve_config_path
 
     table = get_table(table_name)
     out = Path(out)

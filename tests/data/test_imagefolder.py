@@ -48,7 +48,7 @@ def _loader(dataset, **overrides) -> FileLoader:
 def test_hard_label_presets_give_normalised_batches_and_int_labels(tree: Path, name: str) -> None:
     data = load_imagefolder(str(tree), preset=name, image_size=SIZE)
     loader = _loader(data.train, drop_last=False)
-    batches = list(loader)
+    batches = [(b.inputs, b.target) for b in loader]
     assert len(batches) == len(loader) == 3 and loader.num_samples == 12
     for x, y in batches:
         assert x.shape == (4, 3, SIZE, SIZE) and x.dtype == torch.float32
@@ -62,7 +62,8 @@ def test_hard_label_presets_give_normalised_batches_and_int_labels(tree: Path, n
 def test_b3_mixes_batches_into_soft_targets(tree: Path) -> None:
     data = load_imagefolder(str(tree), preset="b3", image_size=SIZE)
     loader = _loader(data.train, mixup=data.preset.mixup, num_classes=data.num_classes)
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch.inputs, batch.target
         assert x.shape == (4, 3, SIZE, SIZE)
         assert y.shape == (4, 3) and y.dtype == torch.float32
         torch.testing.assert_close(y.sum(1), torch.ones(4))
@@ -74,8 +75,9 @@ def test_b3_mixes_batches_into_soft_targets(tree: Path) -> None:
 def test_eval_pipeline_is_deterministic_and_resizes_to_image_size(tree: Path) -> None:
     for name in PRESETS:
         data = load_imagefolder(str(tree), preset=name, image_size=SIZE)
-        x1, y1 = next(iter(_loader(data.val, shuffle=False, drop_last=False)))
-        x2, y2 = next(iter(_loader(data.val, shuffle=False, drop_last=False)))
+        first = next(iter(_loader(data.val, shuffle=False, drop_last=False)))
+        again = next(iter(_loader(data.val, shuffle=False, drop_last=False)))
+        (x1, y1), (x2, y2) = (first.inputs, first.target), (again.inputs, again.target)
         assert x1.shape == (4, 3, SIZE, SIZE)
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
@@ -103,7 +105,7 @@ def test_val_size_holds_out_a_stratified_seeded_split_of_train(tree: Path) -> No
 def _labels_and_images(loader: FileLoader, epoch: int) -> tuple[list[int], torch.Tensor]:
     loader.set_epoch(epoch)
     batches = list(loader)
-    return torch.cat([y for _, y in batches]).tolist(), torch.cat([x for x, _ in batches])
+    return torch.cat([b.target for b in batches]).tolist(), torch.cat([b.inputs for b in batches])
 
 
 def test_order_depends_only_on_seed_and_epoch(tree: Path) -> None:
@@ -146,7 +148,7 @@ def test_ranks_take_disjoint_shards_covering_the_dataset(tree: Path) -> None:
 
 def test_channels_last_output(tree: Path) -> None:
     data = load_imagefolder(str(tree), image_size=SIZE)
-    x, _ = next(iter(_loader(data.val, shuffle=False, drop_last=False, channels_last=True)))
+    x = next(iter(_loader(data.val, shuffle=False, drop_last=False, channels_last=True))).inputs
     assert x.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -33,9 +33,10 @@ def normalised(images: torch.Tensor) -> torch.Tensor:
 
 
 def epoch(data: TensorLoader, number: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's batches as ``(inputs, target)`` pairs."""
     if number is not None:
         data.set_epoch(number)
-    return list(data)
+    return [(b.inputs, b.target) for b in data]
 
 
 def test_plain_loader_yields_every_sample_in_order_normalised():
@@ -73,8 +74,7 @@ def test_same_seed_and_epoch_give_identical_batches_as_after_a_resume():
         epoch(uninterrupted, number)
     expected = epoch(uninterrupted, 3)
     resumed = loader(split, **options)
-    resumed.set_epoch(3)
-    for (x, y), (x_ref, y_ref) in zip(resumed, expected, strict=True):
+    for (x, y), (x_ref, y_ref) in zip(epoch(resumed, 3), expected, strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     previous = epoch(resumed, 2)
     other_seed = epoch(loader(split, **(options | {"seed": 12})), 3)
@@ -89,7 +89,7 @@ def test_augmented_batches_are_the_planned_crops_of_the_planned_samples():
     data.set_epoch(2)
     indices, params = data.plan()
     assert params is not None and len(params) == len(indices) == 30
-    x = torch.cat([b[0] for b in data])
+    x = torch.cat([b.inputs for b in data])
     expected = normalised(augment.apply(split.images[indices], params))
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(x, normalised(split.images[indices])), "augmentation should change the images"
@@ -101,7 +101,7 @@ def test_rank_shards_match_distributed_sampler_and_cover_the_split(total: int, w
     shards = []
     for rank in range(world_size):
         data = loader(split, batch_size=1, rank=rank, world_size=world_size, drop_last=drop_last)
-        shard = torch.cat([y for _, y in data])
+        shard = torch.cat([b.target for b in data])
         reference = DistributedSampler(range(total), world_size, rank, shuffle=False, drop_last=drop_last)
         assert shard.tolist() == list(reference) and data.num_samples == len(reference)
         shards.append(shard)
@@ -133,7 +133,7 @@ def test_dense_labels_get_the_same_crop_and_flip_padded_with_255():
     images = torch.randint(1, 200, (20, 1, 10, 10), dtype=torch.uint8, generator=gen)  # 0 only in padding
     split = Split(images, images[:, 0].long())
     data = TensorLoader(split, batch_size=8, mean=(0.0,), std=(1.0,), augment=CropFlip(padding=3), shuffle=True)
-    for x, y in data:
+    for x, y in epoch(data):
         assert y.shape == (len(x), 10, 10) and y.dtype == torch.int64
         pixels = (x[:, 0] * 255).round().long()
         padded = pixels == 0

@@ -36,7 +36,7 @@ def test_cached_logits_equal_the_live_teacher_on_the_replayed_view(tmp_path, set
     batches = list(cached)
     assert len(batches) == len(loader) == 5
     with torch.no_grad():
-        for x, y, logits in batches:
+        for x, y, logits in ((b.inputs, b.target, b.teacher) for b in batches):
             assert logits.shape == (8, 10) and y.shape == (8,)
             torch.testing.assert_close(logits, teacher(x), atol=2e-3, rtol=2e-3)  # float16 storage
 
@@ -46,11 +46,11 @@ def test_views_are_replayed_deterministically_and_vary_with_the_epoch(tmp_path, 
     cache = TeacherCache.open_or_build(tmp_path, record, teacher, loader, batch_size=16, log=lambda _: None)
     cached = CachedViewLoader(loader, cache)
     cached.set_epoch(2)
-    first = [x for x, _, _ in cached]
+    first = [b.inputs for b in cached]
     cached.set_epoch(2)
-    again = [x for x, _, _ in cached]
+    again = [b.inputs for b in cached]
     cached.set_epoch(3)
-    other = [x for x, _, _ in cached]
+    other = [b.inputs for b in cached]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 

@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distkd.cli import bundled_configs, resolve_config_path
-from distkd.config import RunConfig, TermConfig, dump_config, from_dict, load_config, to_dict
+from distkd.config import (
+    RunConfig,
+    TermConfig,
+    bundled_configs,
+    dump_config,
+    from_dict,
+    load_config,
+    resolve_config_path,
+    to_dict,
+)
 from distkd.errors import ConfigError
 
 

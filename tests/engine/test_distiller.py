@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distkd.distill import Distiller, Term, logits_of
+from distkd.data.batch import Batch as DataBatch
+from distkd.distill import Distiller, SingleInputStep, Term, logits_of
 from distkd.distill.renormalize import Renormalize
 from distkd.errors import ConfigError
 from distkd.losses import build_loss
@@ -17,8 +18,13 @@ Models = tuple[nn.Module, nn.Module]
 Batch = tuple[Tensor, Tensor]
 
 
-def cross_entropy(output: object, target: Tensor) -> Tensor:
-    return F.cross_entropy(logits_of(output), target)
+def cross_entropy(output: object, target: Tensor) -> dict[str, Tensor]:
+    return {"ce": F.cross_entropy(logits_of(output), target)}
+
+
+def ce_step(weight: float = 1.0, **kwargs: object) -> SingleInputStep:
+    """The classification step: ``{"ce": weight * CE}``."""
+    return SingleInputStep(lambda out, y: {"ce": weight * cross_entropy(out, y)["ce"]}, **kwargs)
 
 
 @pytest.fixture
@@ -37,13 +43,13 @@ def test_teacher_stays_in_eval_mode_and_its_batchnorm_stats_do_not_move(pair: Mo
     # torchdistill 1.1.5's example training loop calls model.train() on the whole wrapper, which leaves
     # the teacher in train mode: its BatchNorm running statistics then drift with every student batch.
     student, teacher = pair
-    distiller = Distiller(student, teacher, [Term("kd", build_loss("kd", tau=4.0), 1.0)], task_loss=cross_entropy)
+    distiller = Distiller(student, teacher, [Term("kd", build_loss("kd", tau=4.0), 1.0)], ce_step())
     teacher.train()  # even a teacher handed over in train mode is frozen
     distiller.train()
     assert student.training and all(m.training for m in student.modules())
     assert not any(m.training for m in teacher.modules())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    step = distiller(*batch)
+    step = distiller(DataBatch(*batch))
     sum(step.losses.values()).backward()
     after = teacher.state_dict()
     assert any(k.endswith("running_mean") for k in before)
@@ -58,9 +64,8 @@ def test_losses_hold_weighted_terms_and_parts_hold_unweighted_parts(pair: Models
     student, teacher = pair
     x, y = batch
     dist, kd = build_loss("dist", tau=4.0), build_loss("kd", tau=4.0)
-    distiller = Distiller(student, teacher, [Term("dist", dist, 2.0), Term("kd", kd, 0.5)],
-                          task_loss=cross_entropy, task_weight=0.1).train()
-    step = distiller(x, y)
+    distiller = Distiller(student, teacher, [Term("dist", dist, 2.0), Term("kd", kd, 0.5)], ce_step(0.1)).train()
+    step = distiller(DataBatch(x, y))
     assert set(step.losses) == {"ce", "dist", "kd"}
     assert set(step.parts) == {"dist/inter", "dist/intra", "kd/kl"}
     with torch.no_grad():
@@ -77,7 +82,7 @@ def test_losses_hold_weighted_terms_and_parts_hold_unweighted_parts(pair: Models
 
 def test_without_teacher_only_the_task_loss_is_returned(pair: Models, batch: Batch) -> None:
     student, _ = pair
-    step = Distiller(student, task_loss=cross_entropy, task_weight=2.0)(*batch)
+    step = Distiller(student, step=ce_step(2.0))(DataBatch(*batch))
     assert set(step.losses) == {"ce"} and step.parts == {}
     torch.testing.assert_close(step.losses["ce"], 2.0 * F.cross_entropy(step.output, batch[1]))
     with pytest.raises(ValueError, match="need a teacher"):
@@ -89,13 +94,15 @@ def test_feature_taps_feed_the_loss(batch: Batch) -> None:
     student, teacher = create_model("small_cnn3_w2", 10), create_model("small_cnn3_w2", 10)
     dist = build_loss("dist", tau=2.0)
     distiller = Distiller(student, teacher, [Term("dist", dist, 3.0, "features.7", "features.7")]).train()
-    step = distiller(*batch)
+    step = distiller(DataBatch(*batch))
     with torch.no_grad():
         s, t = student.features[:8](batch[0]), teacher.features[:8](batch[0])  # (N, 4, 7, 7) after 2 pools
         torch.testing.assert_close(step.losses["dist"], 3.0 * dist(s, t))
     assert s.shape == (16, 4, 7, 7) and set(step.losses) == {"dist"}
-    torch.testing.assert_close(distiller.student_taps.outputs["features.7"], s)
-    torch.testing.assert_close(distiller.teacher_taps.outputs["features.7"], t)
+    # the recorded outputs are released after the step, and evaluation passes record nothing
+    assert distiller.student_taps.outputs["features.7"] == distiller.teacher_taps.outputs["features.7"] == []
+    student(batch[0])
+    assert distiller.student_taps.outputs["features.7"] == []
 
 
 @pytest.mark.parametrize("side", ["student", "teacher"])
@@ -128,7 +135,7 @@ def test_dict_outputs_select_out_for_logits_and_other_keys_by_name() -> None:
     x, y = torch.randn(8, 4), torch.randint(0, 10, (8,))
     kd = build_loss("kd", tau=2.0)
     terms = [Term("main", kd, 1.0), Term("aux", kd, 0.4, "aux", "aux"), Term("cross", kd, 1.0, "aux", "logits")]
-    step = Distiller(student, teacher, terms, task_loss=cross_entropy).train()(x, y)
+    step = Distiller(student, teacher, terms, ce_step()).train()(DataBatch(x, y))
     with torch.no_grad():
         s, t = student(x), teacher(x)
         torch.testing.assert_close(step.losses["ce"], F.cross_entropy(s["out"], y))
@@ -143,7 +150,7 @@ def test_teacher_input_maps_the_batch_before_the_teacher_sees_it(pair: Models, b
     seen: list[Tensor] = []
     teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     kd = build_loss("kd")
-    Distiller(student, teacher, [Term("kd", kd, 1.0)], teacher_input=lambda x: 2 * x + 1)(*batch)
+    Distiller(student, teacher, [Term("kd", kd, 1.0)], ce_step(teacher_input=lambda x: 2 * x + 1))(DataBatch(*batch))
     assert torch.equal(seen[0], 2 * batch[0] + 1)
 
 
@@ -162,3 +169,29 @@ def test_renormalize_maps_student_normalised_input_to_teacher_normalised() -> No
     x = norm(images, mean_t, std_t)
     assert torch.equal(same(x), x)
     assert renorm(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_the_teachers_evaluation_sees_the_inputs_its_training_calls_see(pair: Models, batch: Batch, tmp_path) -> None:
+    # A teacher trained on other statistics is re-normalised in training; its val pass must be too.
+    from distkd.config import RunConfig, TrainConfig
+    from distkd.data.base import Split
+    from distkd.data.loaders import TensorLoader
+    from distkd.engine.trainer import Trainer, TrainSetup
+    from distkd.tasks.classification import evaluate
+
+    student, teacher = pair
+    renorm = Renormalize((0.5,), (0.25,), (0.2,), (0.1,))
+    distiller = Distiller(student, teacher, [Term("kd", build_loss("kd"), 1.0)], ce_step(teacher_input=renorm))
+    x = batch[0]
+    with torch.no_grad():
+        torch.testing.assert_close(distiller.teacher_for_eval()(x), teacher(renorm(x)))
+        torch.testing.assert_close(distiller.run_teacher(DataBatch(*batch)), teacher(renorm(x)))
+    gen = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=gen),
+                  torch.randint(0, 10, (32,), generator=gen))
+    val = TensorLoader(split, batch_size=16, mean=(0.5,), std=(0.25,))
+    cfg = RunConfig(train=TrainConfig(epochs=1, device="cpu", progress="none"))
+    trainer = Trainer(cfg, TrainSetup(distiller, val, val, None, evaluate, "top1"), torch.device("cpu"), tmp_path)
+    summary = trainer.fit()
+    assert summary["teacher_val"] == evaluate(distiller.teacher_for_eval(), val)
+    assert summary["teacher_val"] != evaluate(teacher, val)  # (the raw teacher scores otherwise)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distkd.config import load_config
+from distkd.data.batch import Batch
 from distkd.distill import Distiller, Term
 from distkd.errors import ConfigError
 from distkd.losses import build_loss
@@ -29,7 +30,7 @@ def test_a_term_naming_an_output_entry_the_model_lacks_is_a_config_error():
     teacher = create_model("small_cnn3_w2", num_classes=10)
     distiller = Distiller(student, teacher, [Term("kd_aux", build_loss("kd"), 1.0, "aux", "aux")])
     with pytest.raises(ConfigError, match="output is one tensor, not 'aux'"):
-        distiller(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+        distiller(Batch(torch.randn(2, 1, 28, 28), torch.tensor([0, 1])))
 
 
 def test_resume_accepts_other_threads_device_and_progress_settings(make_config, run_train, tmp_path):

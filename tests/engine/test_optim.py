@@ -72,7 +72,7 @@ def test_scheduler_steps_once_per_iteration_with_epochs_as_fractions() -> None:
 def test_no_decay_norm_bias_puts_exactly_the_1d_params_in_the_zero_decay_group() -> None:
     model = create_model("small_cnn3_w2", num_classes=10)
     model.features[0].weight.requires_grad_(False)  # frozen params are left out of every group
-    decay, no_decay = param_groups(model, weight_decay=5e-4, no_decay_norm_bias=True)
+    decay, no_decay = param_groups(model.parameters(), weight_decay=5e-4, no_decay_norm_bias=True)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim <= 1}
@@ -81,7 +81,7 @@ def test_no_decay_norm_bias_puts_exactly_the_1d_params_in_the_zero_decay_group()
     }
     assert "fc.bias" in {names[id(p)] for p in no_decay["params"]}
     assert "features.1.weight" in {names[id(p)] for p in no_decay["params"]}  # a BatchNorm weight
-    (single,) = param_groups(model, weight_decay=5e-4, no_decay_norm_bias=False)
+    (single,) = param_groups(model.parameters(), weight_decay=5e-4, no_decay_norm_bias=False)
     assert len(single["params"]) == len(list(model.parameters())) - 1 and single["weight_decay"] == 5e-4
 
 

@@ -36,13 +36,14 @@ def test_teacher_run_directory_holds_every_record(teacher_run: Run) -> None:
     assert [r["epoch"] for r in lines] == [1, 2]
     assert {"train/loss", "train/ce", "val/top1", "val/top5", "val/loss", "lr", "images_per_s"} <= set(lines[0])
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    assert [e.step for e in events.Scalars("val/top1")] == [1, 2]
+    steps = [summary["steps"] // 2, summary["steps"]]  # TensorBoard's x axis: optimizer steps
+    assert [e.step for e in events.Scalars("val/top1")] == [r["step"] for r in lines] == steps
     assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([r["val/top1"] for r in lines])
     assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
     assert set(summary) >= {"best_epoch", "best_val", "best_test", "last_val", "last_test"}
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     report = (run_dir / "report.md").read_text()
-    assert f"best epoch on val: {summary['best_epoch']} of 2" in report and "| best_test |" in report
+    assert f"best on val: epoch {summary['best_epoch']} of 2" in report and "| best_test |" in report
 
 
 def test_best_epoch_is_chosen_on_val_and_test_is_only_reported(teacher_run: Run) -> None:
@@ -67,7 +68,8 @@ def test_student_run_logs_the_teacher_and_the_distillation_parts(
                       "train.epochs=1")
     summary = run_train(cfg)
     first, epoch1 = records(cfg.run_dir)
-    assert first["epoch"] == 0 and set(first) == {"epoch", "teacher_val/top1", "teacher_val/top5", "teacher_val/loss"}
+    assert first["epoch"] == first["step"] == 0
+    assert set(first) == {"epoch", "step", "teacher_val/top1", "teacher_val/top5", "teacher_val/loss"}
     # The teacher loaded strictly from its checkpoint scores exactly what `distkd eval` gives that checkpoint.
     assert first["teacher_val/top1"] == evaluate_checkpoint(teacher_ckpt, "val")["top1"]
     assert first["teacher_val/top1"] == teacher_run[1]["best_val"]

@@ -17,15 +17,15 @@ from distkd.config import RunConfig, TrainConfig
 from distkd.data.augment import CropFlip
 from distkd.data.base import Split
 from distkd.data.loaders import TensorLoader
-from distkd.distill import Distiller, Term
+from distkd.distill import Distiller, SingleInputStep, Term
 from distkd.engine.trainer import Trainer, TrainingDiverged, TrainSetup
 from distkd.losses import build_loss
 from distkd.models import create_model
 from distkd.tasks.classification import evaluate
 
 
-def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(output.float(), target)
+def cross_entropy(output: Tensor, target: Tensor) -> dict[str, Tensor]:
+    return {"ce": F.cross_entropy(output.float(), target)}
 
 
 def tiny_setup(teacher: bool = False) -> TrainSetup:
@@ -40,9 +40,9 @@ def tiny_setup(teacher: bool = False) -> TrainSetup:
     student = create_model("small_cnn3_w2", num_classes=10)
     if teacher:
         kd = Term("kd", build_loss("kd"), 1.0)
-        distiller = Distiller(student, create_model("small_cnn3_w2", 10), [kd], task_loss=cross_entropy)
+        distiller = Distiller(student, create_model("small_cnn3_w2", 10), [kd], SingleInputStep(cross_entropy))
     else:
-        distiller = Distiller(student, task_loss=cross_entropy)
+        distiller = Distiller(student, step=SingleInputStep(cross_entropy))
     return TrainSetup(distiller, train, val, None, evaluate, metric="top1")
 
 
@@ -107,7 +107,7 @@ def test_ema_is_updated_evaluated_and_checkpointed(tmp_path: Path) -> None:
 
 def test_a_nan_loss_stops_the_run_with_advice(tmp_path: Path) -> None:
     setup = tiny_setup()
-    setup.distiller.task_loss = lambda output, target: output.sum() * float("nan")
+    setup.distiller.step.task_loss = lambda output, target: {"ce": output.sum() * float("nan")}
     with pytest.raises(TrainingDiverged, match="training loss became nan in epoch 1; lower optim.lr"):
         Trainer(tiny_config(), setup, torch.device("cpu"), tmp_path).fit()
 
@@ -126,9 +126,9 @@ def test_resume_drops_records_written_after_the_last_checkpoint(tmp_path: Path) 
     assert [r["epoch"] for r in records(tmp_path)] == [0, 1]
     # A run killed after logging epoch 2 (and in the middle of a line) but before saving its checkpoint:
     with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"epoch": 2, "val/top1": -1.0}) + "\n" + '{"epoch": 3, "val/to')
+        f.write(json.dumps({"epoch": 2, "step": 8, "val/top1": -1.0}) + "\n" + '{"epoch": 3, "step": 12, "val/to')
     with SummaryWriter(str(tmp_path / "tensorboard")) as writer:
-        writer.add_scalar("val/top1", -1.0, 2)
+        writer.add_scalar("val/top1", -1.0, 8)  # records and events are keyed by the optimizer step (4 per epoch)
     # TensorBoard reads event files in name order: creation second, then a per-process counter. Processes
     # started one after the other get ordered names; in this one process, give the old files older names.
     old = sorted((tmp_path / "tensorboard").iterdir(), key=lambda path: path.stat().st_mtime_ns)
@@ -139,5 +139,6 @@ def test_resume_drops_records_written_after_the_last_checkpoint(tmp_path: Path) 
     assert [r["epoch"] for r in lines] == [0, 1, 2]  # the teacher's line once, each epoch once
     assert lines[2]["val/top1"] >= 0
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
-    assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(r["epoch"], r["val/top1"]) for r in lines[1:]]
+    assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(r["step"], r["val/top1"]) for r in lines[1:]]
+    assert [r["step"] for r in lines] == [0, 4, 8]
     assert [e.step for e in events.Scalars("teacher_val/top1")] == [0]

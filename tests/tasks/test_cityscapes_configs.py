@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from distkd.api import train
-from distkd.cli import resolve_config_path
-from distkd.config import load_config
+from distkd.config import load_config, resolve_config_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "segmentation"))
 from test_data import write_cityscapes  # noqa: E402 - the real-layout tree writer of the reader tests

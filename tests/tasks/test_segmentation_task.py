@@ -9,6 +9,7 @@ import torch
 
 from distkd.api import evaluate_checkpoint, train
 from distkd.config import load_config
+from distkd.data.batch import Batch
 from distkd.errors import ConfigError, UnknownNameError
 from distkd.metrics.segmentation import ConfusionMatrix
 from distkd.tasks import segmentation
@@ -72,7 +73,7 @@ def test_evaluate_matches_a_confusion_matrix_on_upsampled_predictions():
         def forward(self, x):
             return {"out": logits[: len(x)]}
 
-    metrics = segmentation.evaluate(Fixed(), [(torch.zeros(3, 1, 16, 16), labels)])
+    metrics = segmentation.evaluate(Fixed(), [Batch(torch.zeros(3, 1, 16, 16), labels)])
     up = torch.nn.functional.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False).argmax(1)
     matrix = ConfusionMatrix(4)
     matrix.update(up, labels)

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision.datasets import ImageFolder
 
+from distkd.data.batch import Batch
 from distkd.data.cifar import stratified_holdout
 from distkd.data.loaders import derive_seed
 from distkd.data.presets import MixupSpec, Preset, Transform, get_preset
@@ -154,16 +155,18 @@ class MixCollate:
 class FileLoader:
     """Batches of a file dataset, decoded and augmented by worker processes, moved to ``device``.
 
-    Yields ``(x, y)``: ``x`` float (B, C, H, W) as the dataset's pipeline produced it (normalised);
-    ``y`` int64 (B,) labels, or with ``mixup`` soft targets float (B, num_classes) whose rows sum to 1
-    (``torch.nn.functional.cross_entropy`` accepts such probabilities as its target).
+    Yields a :class:`~distkd.data.batch.Batch` per step: ``inputs`` float (B, C, H, W) as the pipeline
+    produced it (normalised); ``target`` int64 (B,) labels, or with ``mixup`` soft targets float (B, num_classes)
+    whose rows sum to 1 (``torch.nn.functional.cross_entropy`` accepts such probabilities as its target);
+    ``index`` int64 (B,) the samples' positions in the dataset.
 
     Sampling is ``torch.utils.data.DistributedSampler``'s: the order is a permutation seeded by
     ``seed + epoch`` (shared by all ranks), each rank takes a strided shard, padded by repetition to
     divide evenly (trimmed instead with ``drop_last``). Each epoch's workers get seeds drawn from a
     generator seeded by ``(seed, epoch, rank)``, so with ``num_workers >= 1`` the augmentations and the
     mixing of an epoch are reproducible for a given ``num_workers``; with ``num_workers = 0`` they draw
-    from the main process's global RNGs instead (only the order is then seeded).
+    from the main process's global RNGs instead (only the order is then seeded). ``set_epoch(epoch, start)``
+    resumes an epoch at batch ``start`` with the same samples; their augmentation is drawn anew.
     """
 
     def __init__(
@@ -212,6 +215,7 @@ class FileLoader:
         self.device = device
         self.channels_last = channels_last
         self.epoch = 0
+        self.start = 0
         self.sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
@@ -221,9 +225,9 @@ class FileLoader:
                 f"batch of {batch_size} with drop_last=True; lower batch_size or set drop_last=False"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration yields."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration yields, from its batch ``start`` on."""
+        self.epoch, self.start = epoch, start
         self.sampler.set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):  # datasets that seed their own augmentation per epoch
             self.dataset.set_epoch(epoch)
@@ -233,18 +237,24 @@ class FileLoader:
         """Samples this rank sees per epoch."""
         return len(self.sampler)
 
+    @property
+    def dataset_size(self) -> int:
+        """Samples in the whole dataset (``Batch.index`` is below this)."""
+        return len(self.dataset)
+
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         if self.drop_last:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
+        order = list(self.sampler)[self.start * self.batch_size :]
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=self.sampler,
+            sampler=order,
             num_workers=self.num_workers,
             collate_fn=self.collate,
             pin_memory=self.device.type == "cuda",
@@ -252,6 +262,7 @@ class FileLoader:
             generator=generator,
         )
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
-            yield x, y.to(self.device, non_blocking=True)
+            index = torch.tensor(order[i * self.batch_size : i * self.batch_size + len(y)])
+            yield Batch(x, y.to(self.device, non_blocking=True), index.to(self.device))

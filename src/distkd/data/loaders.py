@@ -18,6 +18,7 @@ from torch import Tensor
 
 from distkd.data.augment import CropFlip, CropFlipParams
 from distkd.data.base import Split
+from distkd.data.batch import Batch
 from distkd.errors import ConfigError, DataError
 
 IGNORE_INDEX = 255  # label of padded pixels in dense (segmentation) labels
@@ -32,9 +33,10 @@ def derive_seed(*parts: int) -> int:
 class TensorLoader:
     """Batches of one in-memory split held on `device`; augments and normalises whole batches.
 
-    Yields ``(x, y)``: ``x`` float (B, C, H, W) normalised with ``mean``/``std`` (given on the [0, 1] scale),
-    ``y`` int64 (B,) class labels or (B, H, W) dense labels. Dense labels get the same crop/flip as their
-    images, padded with ``IGNORE_INDEX`` (255).
+    Yields a :class:`~distkd.data.batch.Batch` per step: ``inputs`` float (B, C, H, W) normalised with ``mean``/``std``
+    (given on the [0, 1] scale), ``target`` int64 (B,) class labels or (B, H, W) dense labels, ``index`` int64
+    (B,) the samples' positions in the split. Dense labels get the same crop/flip as their images, padded with
+    ``IGNORE_INDEX`` (255).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class TensorLoader:
         self.world_size = world_size
         self.device = device
         self.epoch = 0
+        self.start = 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.dtype = dtype
         self.mean, self.std = tuple(mean), tuple(std)
@@ -103,14 +106,20 @@ class TensorLoader:
                 f"{batch_size} with drop_last=True; lower batch_size or set drop_last=False"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration yields."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration yields, from its batch ``start``
+        on (a run resumed mid-epoch sees the very batches the uninterrupted run saw from there)."""
+        self.epoch, self.start = epoch, start
 
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch."""
         return self._num_samples
+
+    @property
+    def dataset_size(self) -> int:
+        """Samples in the whole split (``Batch.index`` is below this)."""
+        return len(self.labels)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -136,14 +145,14 @@ class TensorLoader:
         height, width = self.images.shape[-2:]
         return indices, self.augment.sample(len(indices), height, width, aug_gen)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         indices, params = self.plan()
         indices = indices.to(self.device)
         augment = self.augment
         if params is not None:
             params = params.to(self.device)
         dense = self.labels.dim() == 3
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(self.start * self.batch_size, len(self) * self.batch_size, self.batch_size):
             batch = slice(start, min(start + self.batch_size, self._num_samples))
             index = indices[batch]
             x = self.images[index]
@@ -152,7 +161,7 @@ class TensorLoader:
                 x = augment.apply(x, params[batch])
                 if dense:
                     y = augment.apply_dense(y, params[batch], IGNORE_INDEX)
-            yield self.normalise(x), y.long()
+            yield Batch(self.normalise(x), y.long(), index)
 
     def normalise(self, x: Tensor) -> Tensor:
         """uint8 (B, C, H, W) -> ``dtype`` (B, C, H, W) in the requested memory format, normalised."""

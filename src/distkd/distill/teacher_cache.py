@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from distkd.data.augment import CropFlip, CropFlipParams
+from distkd.data.batch import Batch
 from distkd.data.loaders import TensorLoader, derive_seed
 
 VIEW_SALT = 0x7EAC  # separates the views' seeds from the loader's (seed, epoch) seeds
@@ -102,7 +103,8 @@ class TeacherCache:
 
 
 class CachedViewLoader:
-    """Wraps the training TensorLoader: yields ``(x, y, teacher_logits)`` with x one cached view per sample.
+    """Wraps the training TensorLoader: yields batches of one cached view per sample, ``Batch.teacher`` holding
+    the teacher's float32 logits (B, K) for them.
 
     The sample order and sharding are the wrapped loader's; the view of each sample is drawn from a
     generator seeded by ``(seed, epoch, rank)``, so resumed runs replay the same batches.
@@ -114,8 +116,8 @@ class CachedViewLoader:
         self.params = view_params(loader.augment, self.views, self.count, *loader.images.shape[-2:],
                                   cache.record["seed"]).to(loader.device)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.loader.set_epoch(epoch, start)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -124,14 +126,18 @@ class CachedViewLoader:
     def num_samples(self) -> int:
         return self.loader.num_samples
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    @property
+    def dataset_size(self) -> int:
+        return self.loader.dataset_size
+
+    def __iter__(self) -> Iterator[Batch]:
         loader = self.loader
         indices, _ = loader.plan()
         gen = torch.Generator().manual_seed(derive_seed(loader.seed, VIEW_SALT, loader.epoch, loader.rank))
         flat = torch.randint(self.views, indices.shape, generator=gen) * self.count + indices
-        for start in range(0, len(loader) * loader.batch_size, loader.batch_size):
+        for start in range(loader.start * loader.batch_size, len(loader) * loader.batch_size, loader.batch_size):
             batch = flat[start : min(start + loader.batch_size, loader.num_samples)]
             index = (batch % self.count).to(loader.device)
             x = loader.augment.apply(loader.images[index], self.params[batch.to(loader.device)])
-            teacher = torch.from_numpy(self.cache.logits[batch.numpy()])
-            yield loader.normalise(x), loader.labels[index].long(), teacher.to(loader.device, torch.float32)
+            teacher = torch.from_numpy(self.cache.logits[batch.numpy()]).to(loader.device, torch.float32)
+            yield Batch(loader.normalise(x), loader.labels[index].long(), index, teacher)

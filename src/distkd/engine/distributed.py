@@ -71,6 +71,23 @@ def mean(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(zip(keys, stacked / world_size(), strict=True))
 
 
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over all processes, in one all-reduce (a missing gradient
+    counts as zeros and becomes one, so every rank steps the same parameters)."""
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
 def sum_tensor(value: Tensor) -> Tensor:
     """Sum a tensor over all processes, in place (identity for one process)."""
     if world_size() > 1:

@@ -53,26 +53,27 @@ def _git_commit() -> str | None:
 
 
 class MetricsLog:
-    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard (x axis: the
+    optimizer step).
 
-    ``resume_epoch``: continuing a run whose checkpoint holds that many epochs; records of later epochs
-    (written before the run was stopped, but after its last checkpoint) are dropped from both.
+    ``resume_step``: continuing a run whose checkpoint was taken after that many optimizer steps; records of
+    later steps (written before the run was stopped, but after its last checkpoint) are dropped from both.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_epoch: int | None = None) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            if resume_epoch is not None:
-                self._keep_until(resume_epoch)
-            purge = None if resume_epoch is None else resume_epoch + 1
+            if resume_step is not None:
+                self._keep_until(resume_step)
+            purge = None if resume_step is None else resume_step + 1
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
-    def _keep_until(self, epoch: int) -> None:
-        """Drop the records of epochs after ``epoch`` (and a line cut short by a kill)."""
+    def _keep_until(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (and a line cut short by a kill)."""
         if not self.path.is_file():
             return
         kept = []
@@ -81,7 +82,7 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("epoch", 0) <= epoch:
+            if record.get("step", 0) <= step:
                 kept.append(line + "\n")
         self.path.write_text("".join(kept))
 
@@ -91,7 +92,7 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and key != "epoch":
+            if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("epoch", "step"):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -12,9 +12,9 @@ from distkd.config import OptimConfig, ScheduleConfig
 from distkd.errors import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
+def param_groups(parameters: Iterable[nn.Parameter], weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
     """One group, or two when norm weights and biases (every parameter with ndim <= 1) skip weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in parameters if p.requires_grad]
     if not no_decay_norm_bias:
         return [{"params": params, "weight_decay": weight_decay}]
     decay = [p for p in params if p.ndim > 1]
@@ -22,8 +22,10 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+def build_optimizer(model_or_groups: nn.Module | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``cfg``'s optimizer over a model's parameters (split by :func:`param_groups`) or over given groups."""
+    groups = (param_groups(model_or_groups.parameters(), cfg.weight_decay, cfg.no_decay_norm_bias)
+              if isinstance(model_or_groups, nn.Module) else model_or_groups)
     if cfg.name == "sgd":
         if cfg.nesterov and cfg.momentum == 0:
             raise ConfigError("optim.nesterov=true needs optim.momentum > 0; set optim.momentum=0.9 or nesterov=false")
@@ -35,7 +37,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return RMSpropTF(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps)
 
 
-def lr_factor(cfg: ScheduleConfig, base_lr: float, epochs: int) -> Callable[[float], float]:
+def lr_factor(cfg: ScheduleConfig, base_lr: float, epochs: float) -> Callable[[float], float]:
     """The multiplier of the base lr as a function of the (fractional) epoch."""
 
     def main(epoch: float) -> float:
@@ -61,8 +63,11 @@ def lr_factor(cfg: ScheduleConfig, base_lr: float, epochs: int) -> Callable[[flo
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float, epochs: int, iters_per_epoch: int
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float, epochs: float, iters_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per iteration; milestones and warm-up are given in epochs."""
+    """A LambdaLR stepped once per optimizer step; milestones and warm-up are given in (fractional) epochs.
+
+    Every group's lr follows the same factor of its own initial lr (a term's adapters may start elsewhere).
+    """
     factor = lr_factor(cfg, base_lr, epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / iters_per_epoch))

@@ -1,8 +1,10 @@
-"""The training loop, shared by teachers and students.
+"""The training loop, shared by teachers and students, for every task.
 
-The trainer knows no loss by name: it sums the ``losses`` dict the Distiller returns. Everything
-random in a run is seeded; checkpoints are written atomically at the end of every epoch and hold all
-the state needed to continue (``--resume``), so a killed run that is resumed ends with the same weights.
+The trainer knows no loss or task by name: it sums the ``losses`` dict the Distiller returns and trains
+everything trainable the Distiller holds (the student, and the terms' own state in groups of their own).
+Everything random in a run is seeded; checkpoints are written atomically at the end of every epoch (and every
+``train.checkpoint_every`` steps) and hold all the state needed to continue (``--resume``), so a killed run
+that is resumed ends with the same weights, even when it was killed in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,23 +24,26 @@ import torch
 from torch import Tensor, nn
 
 from distkd.config import RunConfig, dump_config, to_dict
+from distkd.data.batch import Batch
 from distkd.distill import Distiller
 from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state, save_atomic
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
-from distkd.engine.optim import build_optimizer, build_scheduler
+from distkd.engine.optim import build_optimizer, build_scheduler, param_groups
 from distkd.errors import CheckpointError, DistkdError
 
 
 class Loader(Protocol):
-    """What the trainer iterates: batches ``(x, y)`` already on the device."""
+    """What the trainer iterates: :class:`~distkd.data.batch.Batch` es already on the device."""
 
-    def set_epoch(self, epoch: int) -> None: ...
-    def __iter__(self): ...  # noqa: ANN204
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...
+    def __iter__(self) -> Iterator[Batch]: ...
     def __len__(self) -> int: ...
     @property
     def num_samples(self) -> int: ...
+    @property
+    def dataset_size(self) -> int: ...
 
 
 Evaluate = Callable[[nn.Module, Loader], dict[str, float]]
@@ -46,7 +51,7 @@ Evaluate = Callable[[nn.Module, Loader], dict[str, float]]
 
 @dataclass
 class TrainSetup:
-    """What a task builds for the trainer. ``metric`` (higher is better) selects the best epoch on val."""
+    """What a task builds for the trainer. ``metric`` (higher is better) selects the best checkpoint on val."""
 
     distiller: Distiller
     train: Loader
@@ -61,28 +66,51 @@ class TrainingDiverged(DistkdError):
 
 
 class Trainer:
-    """Runs ``cfg.train.epochs`` epochs of ``setup`` on ``device``, writing everything to ``run_dir``."""
+    """Trains ``setup`` for ``train.epochs`` epochs (or ``train.max_steps`` steps) on ``device`` into ``run_dir``."""
 
     def __init__(self, cfg: RunConfig, setup: TrainSetup, device: torch.device, run_dir: Path) -> None:
         self.cfg, self.setup, self.device, self.run_dir = cfg, setup, device, run_dir
         self.is_main = distributed.is_main()
         self.distiller = setup.distiller.to(device)
         self.student = self.distiller.student
-        if cfg.train.channels_last:
-            self.distiller.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+        self.distiller.to(memory_format=memory_format)
+        if self.distiller.terms:  # the shape probe: terms build their state (adapters, memory banks) from a batch
+            self.distiller.probe(next(iter(setup.train)), dataset_size=setup.train.dataset_size)
+            self.distiller.to(device, memory_format=memory_format)
+        self.term_params = [p for _, params in self.distiller.term_parameters() for p in params]
+        distributed.broadcast_state(self.distiller.term_state_dict())  # every rank starts from rank 0's state
         runner = distributed.wrap(self.student, device)  # DDP gives all ranks rank 0's weights
+        self.ddp = runner if runner is not self.student else None
         # compiled for training steps only; weights, checkpoints and evaluation use the plain module
         self.distiller.student = torch.compile(runner) if cfg.train.compile else runner
         self.ema = EMA(self.student, cfg.train.ema_decay) if cfg.train.ema_decay else None  # so copy them after
-        self.optimizer = build_optimizer(self.student, cfg.optim)
-        self.scheduler = build_scheduler(
-            self.optimizer, cfg.schedule, cfg.optim.lr, cfg.train.epochs, len(setup.train)
-        )
+        self.optimizer = build_optimizer(self._param_groups(), cfg.optim)
+        self.accumulate = cfg.train.accumulate
+        self.steps_per_epoch = math.ceil(len(setup.train) / self.accumulate)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.optim.lr,
+                                         self.total_steps / self.steps_per_epoch, self.steps_per_epoch)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-        self.epoch = 0
-        self.best: dict[str, Any] = {"epoch": -1, "value": -math.inf}
-        self.progress = Progress(cfg.train.progress, cfg.train.epochs, enabled=self.is_main)
+        self.epoch = 0  # epochs finished
+        self.step = 0  # optimizer steps taken
+        self.batch = 0  # batches of the current epoch done (a mid-epoch checkpoint continues from there)
+        self.sums: dict[str, Tensor] = {}  # the current epoch's running sums of the logged losses
+        self.best: dict[str, Any] = {"epoch": -1, "step": -1, "value": -math.inf}
+        self.evaluated_at = -1  # the step of the latest evaluation
+        self.progress = Progress(cfg.train.progress, self.epochs, enabled=self.is_main)
+
+    def _param_groups(self) -> list[dict]:
+        """The student's groups, then each term's own (its ``lr``/``weight_decay``, or the optimizer's)."""
+        optim = self.cfg.optim
+        groups = param_groups(self.student.parameters(), optim.weight_decay, optim.no_decay_norm_bias)
+        for term, params in self.distiller.term_parameters():
+            decay = optim.weight_decay if term.weight_decay is None else term.weight_decay
+            for group in param_groups(params, decay, optim.no_decay_norm_bias):
+                groups.append(group | {"lr": optim.lr if term.lr is None else term.lr})
+        return [g for g in groups if g["params"]]
 
     # ------------------------------------------------------------------ the loop
 
@@ -94,65 +122,110 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
             (self.run_dir / "env.json").write_text(json.dumps(environment(self.device), indent=2))
-        self.log = MetricsLog(self.run_dir, enabled=self.is_main, resume_epoch=self.epoch if resume else None)
+        self.log = MetricsLog(self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
+        self.progress.message(_sizes_line(self._sizes()))
         teacher_val = self._teacher_metrics(record=not resume)
-        for epoch in range(self.epoch, self.cfg.train.epochs):
-            self.epoch = epoch
-            train_stats = self._train_epoch(epoch)
-            distributed.broadcast_buffers(self.student)  # evaluate and save the same model on every rank
-            if self.ema is not None:
-                distributed.broadcast_buffers(self.ema.module)
-            val = self.setup.evaluate(self.student, self.setup.val)
-            record = {"epoch": epoch + 1, **train_stats, **{f"val/{k}": v for k, v in val.items()}}
-            if self.ema is not None:
-                record |= {f"ema_val/{k}": v for k, v in self.setup.evaluate(self.ema.module, self.setup.val).items()}
-            self.epoch = epoch + 1
-            self.log.write(record, step=self.epoch)  # before last.pt: a resume drops it if last.pt is older
-            if val[self.setup.metric] > self.best["value"]:
-                self.best = {"epoch": epoch + 1, "value": val[self.setup.metric]}
-                self._save("best.pt", weights_only=True)
-            self._save("last.pt")
-            self.progress.end_epoch(_epoch_line(record, self.setup.metric, self.cfg.train.epochs))
+        while self.step < self.total_steps:
+            self._end_epoch(*self._train_epoch())
+        if self.evaluated_at != self.step:  # the last step-based evaluation fell before the end
+            self._evaluate({"step": self.step})
         summary = self._summary(teacher_val)
         self.log.close()
         return summary
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
-        loader = self.setup.train
-        loader.set_epoch(epoch)
+    def _train_epoch(self) -> tuple[int, float]:
+        """Train the rest of epoch ``self.epoch`` (from batch ``self.batch``), up to ``total_steps``; return the
+        number of images this process trained on and the seconds it took."""
+        loader, train_cfg = self.setup.train, self.cfg.train
+        loader.set_epoch(self.epoch, self.batch)
         self.distiller.train()
-        self.progress.start_epoch(epoch, len(loader))
-        sums: dict[str, Tensor] = {}
-        start, clip = time.perf_counter(), self.cfg.train.grad_clip
-        for x, y, *cached_teacher in loader:
-            with self._autocast():
-                step = self.distiller(x, y, epoch + 1, *cached_teacher)
-            loss = sum(step.losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.student.parameters(), clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.student)
-            for key, value in {"loss": loss, **step.losses, **step.parts}.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
+        self.progress.start_epoch(self.epoch, len(loader) - self.batch)
+        start, images, group = time.perf_counter(), 0, {}
+        for batch in loader:
+            size = min(self.accumulate, len(loader) - self.batch // self.accumulate * self.accumulate)
+            last_of_group = (self.batch + 1) % self.accumulate == 0 or self.batch + 1 == len(loader)
+            sync = self.ddp.no_sync() if self.ddp is not None and not last_of_group else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    out = self.distiller(batch, self.epoch + 1)
+                loss = sum(out.losses.values())
+                self.scaler.scale(loss / size if size > 1 else loss).backward()
+            for key, value in {"loss": loss, **out.losses, **out.parts}.items():
+                value = value.detach().float()
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                group[key] = group.get(key, 0.0) + value / size
+            self.batch += 1
+            images += len(batch)
             if self.progress.shows_steps:
-                rate = (len(x) * self.progress.steps_done) / (time.perf_counter() - start)
-                parts = " ".join(f"{k} {v.item():.3f}" for k, v in {"loss": loss, **step.losses}.items())
+                rate = images / (time.perf_counter() - start)
+                parts = " ".join(f"{k} {v.item():.3f}" for k, v in {"loss": loss, **out.losses}.items())
                 self.progress.step(f"{parts} lr {self.scheduler.get_last_lr()[0]:.3g} {rate:.0f} img/s")
-        seconds = time.perf_counter() - start
-        stats = {f"train/{k}": v.item() / len(loader) for k, v in distributed.mean(sums).items()}
-        if not math.isfinite(stats["train/loss"]):
-            raise TrainingDiverged(
-                f"the training loss became {stats['train/loss']} in epoch {epoch + 1}; "
-                "lower optim.lr, set train.grad_clip, or use train.amp=bf16 instead of fp16"
-            )
-        images = loader.num_samples * distributed.world_size()
-        return stats | {"lr": self.scheduler.get_last_lr()[0], "images_per_s": images / seconds, "epoch_s": seconds}
+            if not last_of_group:
+                continue
+            self._optimizer_step()
+            if train_cfg.log_every and self.step % train_cfg.log_every == 0:
+                self._log_step(group)
+            group = {}
+            if train_cfg.eval_every and self.step % train_cfg.eval_every == 0:
+                self._evaluate({"step": self.step})
+            done = self.batch == len(loader) or self.step == self.total_steps
+            if train_cfg.checkpoint_every and self.step % train_cfg.checkpoint_every == 0 and not done:
+                self._save("last.pt")
+            if self.step == self.total_steps:
+                break
+        return images, time.perf_counter() - start
+
+    def _optimizer_step(self) -> None:
+        """Average the terms' gradients over ranks (DDP did the student's), clip, step, schedule, EMA."""
+        if self.term_params and distributed.world_size() > 1:
+            distributed.average_gradients(self.term_params)
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([*self.student.parameters(), *self.term_params], self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.student)
+        self.step += 1
+
+    def _log_step(self, group: dict[str, Tensor]) -> None:
+        """A ``train_step/*`` record of this step's losses (means over its batches); stop at once on NaN/inf."""
+        values = {f"train_step/{k}": v.item() for k, v in distributed.mean(group).items()}
+        _check_finite(values["train_step/loss"], f"at step {self.step}")
+        self.log.write({"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0]}, step=self.step)
+
+    def _end_epoch(self, images: int, seconds: float) -> None:
+        """The epoch's record (train means; val unless evaluation is step-based), best.pt, last.pt."""
+        epoch = self.epoch + 1
+        stats = {f"train/{k}": v.item() / self.batch for k, v in distributed.mean(self.sums).items()}
+        _check_finite(stats["train/loss"], f"in epoch {epoch}")
+        self.epoch, self.batch, self.sums = epoch, 0, {}
+        throughput = images * distributed.world_size() / seconds
+        record = {"epoch": epoch, "step": self.step, **stats, "lr": self.scheduler.get_last_lr()[0],
+                  "images_per_s": throughput, "epoch_s": seconds}
+        if not self.cfg.train.eval_every:
+            self._evaluate(record)
+        else:
+            self.log.write(record, step=self.step)
+        self._save("last.pt")
+        self.progress.end_epoch(_epoch_line(record, self.setup.metric, self.epochs))
+
+    def _evaluate(self, record: dict[str, Any]) -> None:
+        """Evaluate on val, write ``record`` with the metrics, keep best.pt. Every rank calls."""
+        distributed.broadcast_buffers(self.student)  # evaluate and save the same model on every rank
+        distributed.broadcast_buffers(self.distiller.term_losses)  # adapters' BatchNorm statistics too
+        val = self.setup.evaluate(self.student, self.setup.val)
+        record |= {f"val/{k}": v for k, v in val.items()}
+        if self.ema is not None:
+            distributed.broadcast_buffers(self.ema.module)
+            record |= {f"ema_val/{k}": v for k, v in self.setup.evaluate(self.ema.module, self.setup.val).items()}
+        self.evaluated_at = self.step
+        self.log.write(record, step=self.step)  # before last.pt: a resume drops it if last.pt is older
+        if val[self.setup.metric] > self.best["value"]:
+            self.best = {"epoch": self.epoch, "step": self.step, "value": val[self.setup.metric]}
+            self._save("best.pt", weights_only=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -161,21 +234,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and summary
 
+    def _sizes(self) -> dict[str, int]:
+        """Parameter counts: the student's, and the trainable state the distillation terms add."""
+        sizes = {"student_parameters": sum(p.numel() for p in self.student.parameters())}
+        sizes["term_parameters"] = sum(p.numel() for p in self.term_params)
+        return sizes
+
     def _teacher_metrics(self, record: bool) -> dict[str, float] | None:
-        """The teacher on val; ``record``: log it as epoch 0 (a resumed run has logged it already)."""
-        teacher = self.distiller.teacher
+        """The teacher on val, fed as in training; ``record``: log it at step 0 (a resumed run has already)."""
+        teacher = self.distiller.teacher_for_eval()
         if teacher is None:
             return None
         val = self.setup.evaluate(teacher, self.setup.val)
         self.progress.message(f"teacher val: {_format(val)}")
         if record:
-            self.log.write({"epoch": 0, **{f"teacher_val/{k}": v for k, v in val.items()}}, step=0)
+            self.log.write({"epoch": 0, "step": 0, **{f"teacher_val/{k}": v for k, v in val.items()}}, step=0)
         return val
 
     def _summary(self, teacher_val: dict[str, float] | None) -> dict[str, Any]:
         metric, test = self.setup.metric, self.setup.test
-        summary: dict[str, Any] = {"metric": metric, "epochs": self.cfg.train.epochs, "best_epoch": self.best["epoch"],
-                                   "best_val": self.best["value"], "teacher_val": teacher_val}
+        summary: dict[str, Any] = {"metric": metric, "epochs": self.epochs, "steps": self.step,
+                                   "best_epoch": self.best["epoch"], "best_step": self.best["step"],
+                                   "best_val": self.best["value"], "teacher_val": teacher_val, **self._sizes()}
         summary["last_val"] = self.setup.evaluate(self.student, self.setup.val)[metric]
         if test is not None:
             summary["last_test"] = self.setup.evaluate(self.student, test)[metric]
@@ -202,14 +282,18 @@ class Trainer:
         if not self.is_main:
             return
         state: dict[str, Any] = {
-            "model": self.student.state_dict(),
+            "model": self.student.state_dict(),  # the student alone: loads strictly into the bare model
+            "terms": self.distiller.term_state_dict(),  # the distillation terms' own state (adapters, ...)
             "ema": self.ema.module.state_dict() if self.ema else None,
             "epoch": self.epoch,
+            "step": self.step,
             "best": self.best,
             "config": to_dict(self.cfg),
         }
         if not weights_only:
             state |= {
+                "batch": self.batch,  # > 0: saved in the middle of epoch ``epoch + 1``
+                "sums": self.sums,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -222,15 +306,25 @@ class Trainer:
         if "optimizer" not in state:
             raise CheckpointError(f"{path} holds weights only and cannot resume a run; use checkpoints/last.pt")
         self.student.load_state_dict(state["model"])
+        try:
+            self.distiller.load_term_state_dict(state.get("terms", {}))  # absent from checkpoints before 0.2
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: the distillation terms' state does not fit this config: "
+                                  f"{str(exc).splitlines()[0]}") from None
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.best = state["epoch"], state["best"]
+        self.epoch, self.best = state["epoch"], {"step": -1} | state["best"]
+        # checkpoints before step-based runs were written at epoch ends only
+        self.step, self.batch = state.get("step", self.epoch * self.steps_per_epoch), state.get("batch", 0)
+        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
+        self.evaluated_at = self.step if not self.cfg.train.eval_every else self.best["step"]
         per_rank, rank = state["rng"], distributed.rank()  # one state per rank of the run that saved it
         _set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
-        self.progress.message(f"resumed from {path} at epoch {self.epoch}")
+        where = f"epoch {self.epoch}" + (f", batch {self.batch} of epoch {self.epoch + 1}" if self.batch else "")
+        self.progress.message(f"resumed from {path} at step {self.step} ({where})")
 
 
 def seed_everything(seed: int) -> None:
@@ -269,6 +363,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _check_finite(loss: float, where: str) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"the training loss became {loss} {where}; "
+            "lower optim.lr, set train.grad_clip, or use train.amp=bf16 instead of fp16"
+        )
+
+
+def _sizes_line(sizes: dict[str, int]) -> str:
+    line = f"student: {sizes['student_parameters']:,} parameters"
+    if sizes["term_parameters"]:
+        line += f"; distillation terms: {sizes['term_parameters']:,} trainable parameters (not exported)"
+    return line
+
+
 def _format(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
@@ -276,8 +385,9 @@ def _format(metrics: dict[str, float]) -> str:
 def _epoch_line(record: dict[str, Any], metric: str, epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train/loss']:.4f}"]
     parts += [f"{k[6:]} {v:.4f}" for k, v in record.items() if k.startswith("train/") and k != "train/loss"]
-    parts += [f"val {metric} {record[f'val/{metric}']:.4f}", f"lr {record['lr']:.4g}",
-              f"{record['images_per_s']:.0f} img/s"]
+    if f"val/{metric}" in record:
+        parts.append(f"val {metric} {record[f'val/{metric}']:.4f}")
+    parts += [f"lr {record['lr']:.4g}", f"{record['images_per_s']:.0f} img/s"]
     return " | ".join(parts)
 
 
@@ -295,7 +405,9 @@ def _report(cfg: RunConfig, summary: dict[str, Any]) -> str:
     for key in ("best_val", "best_test", "last_val", "last_test", "ema_last_test"):
         if key in summary:
             lines.append(f"| {key} | {summary[key]:.4f} |")
-    lines += ["", f"best epoch on val: {summary['best_epoch']} of {summary['epochs']} (test is never used to select)."]
+    lines += ["", f"best on val: epoch {summary['best_epoch']} of {summary['epochs']}, step {summary['best_step']} of "
+              f"{summary['steps']} (test is never used to select).",
+              _sizes_line(summary) + "."]
     if summary.get("teacher_val"):
         lines.append(f"teacher on val: {_format(summary['teacher_val'])}")
     return "\n".join(lines) + "\n"

@@ -12,37 +12,48 @@ from distkd.config import DataConfig, RunConfig
 from distkd.data.augment import CropFlip
 from distkd.data.base import InMemoryData
 from distkd.data.loaders import TensorLoader
-from distkd.distill import Distiller, logits_of
+from distkd.distill import Distiller, SingleInputStep, logits_of
 from distkd.distill.renormalize import Renormalize
 from distkd.distill.teacher_cache import CachedViewLoader, TeacherCache, dataset_digest
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader, TrainSetup
-from distkd.errors import ConfigError, UnknownNameError
+from distkd.errors import ConfigError
 from distkd.models.adapters import input_stats
 from distkd.models.weights import weights_sha256
-from distkd.registry import nearest
+from distkd.registry import Registry
 from distkd.tasks.common import build_model, build_teacher_and_terms, check_input, eval_shard
 
-DATASETS = ("silhouettes", "cifar10", "cifar100", "imagefolder")
+DATASETS: Registry[object] = Registry("classification dataset")
+
+
+@DATASETS.register("silhouettes")
+def _silhouettes(cfg: DataConfig, seed: int) -> InMemoryData:
+    from distkd.data.silhouettes import load_silhouettes
+
+    return load_silhouettes()
+
+
+@DATASETS.register("cifar10")
+def _cifar10(cfg: DataConfig, seed: int) -> InMemoryData:
+    from distkd.data.cifar import load_cifar
+
+    return load_cifar(cfg.name, _root(cfg), download=cfg.download, val_size=cfg.val_size, seed=seed)
+
+
+DATASETS.register("cifar100")(_cifar10)
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder(cfg: DataConfig, seed: int):  # noqa: ANN202 - FileData
+    from distkd.data.imagefolder import load_imagefolder
+
+    return load_imagefolder(_root(cfg), preset=cfg.preset, image_size=cfg.image_size, val_size=cfg.val_size,
+                            seed=seed)
 
 
 def load_dataset(cfg: DataConfig, seed: int):  # noqa: ANN201 - InMemoryData or FileData
     """The dataset ``cfg.name`` names, with its train/val/test splits."""
-    if cfg.name == "silhouettes":
-        from distkd.data.silhouettes import load_silhouettes
-
-        return load_silhouettes()
-    if cfg.name in ("cifar10", "cifar100"):
-        from distkd.data.cifar import load_cifar
-
-        return load_cifar(cfg.name, _root(cfg), download=cfg.download, val_size=cfg.val_size, seed=seed)
-    if cfg.name == "imagefolder":
-        from distkd.data.imagefolder import load_imagefolder
-
-        return load_imagefolder(_root(cfg), preset=cfg.preset, image_size=cfg.image_size, val_size=cfg.val_size,
-                                seed=seed)
-    raise UnknownNameError(f"unknown dataset '{cfg.name}'{nearest(cfg.name, list(DATASETS))}; "
-                           f"known: {', '.join(DATASETS)}")
+    return DATASETS.get(cfg.name)(cfg, seed)
 
 
 def _root(cfg: DataConfig) -> str:
@@ -92,15 +103,15 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     train, val, test = build_loaders(cfg, data, device)
     student = build_model(cfg.model, data.num_classes, "student")
     teacher, terms = build_teacher_and_terms(cfg, data.num_classes)
-    smoothing = cfg.loss.label_smoothing
+    smoothing, weight = cfg.loss.label_smoothing, cfg.loss.ce_weight
 
-    def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(logits_of(output).float(), target, label_smoothing=smoothing)
+    def task_loss(output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        if weight == 0:
+            return {}
+        return {"ce": weight * F.cross_entropy(logits_of(output).float(), target, label_smoothing=smoothing)}
 
-    distiller = Distiller(
-        student, teacher, terms, task_loss=cross_entropy, task_weight=cfg.loss.ce_weight,
-        teacher_input=_teacher_input(data, teacher),
-    )
+    step = SingleInputStep(task_loss, teacher_input=_teacher_input(data, teacher))
+    distiller = Distiller(student, teacher, terms, step)
     check_input(student, val, "model")
     if cfg.teacher_cache.views > 0:
         train = _cached(cfg, distiller, train, device)
@@ -115,16 +126,15 @@ def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.d
         raise ConfigError("teacher_cache works with in-memory datasets (silhouettes, cifar10/100) with augmentation")
     if any(t.teacher != "logits" for t in cfg.loss.distill):
         raise ConfigError("teacher_cache stores logits only; every loss.distill term needs teacher: logits")
-    teacher = distiller.teacher.to(device)
+    teacher = distiller.teacher_for_eval().to(device)
     if cfg.train.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    if distiller.teacher_input is not None:
-        distiller.teacher_input.to(device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
 
+    @torch.no_grad()
     def teacher_fn(x: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return logits_of(distiller.run_teacher(x))
+            return logits_of(teacher(x))
 
     record = {
         "teacher": cfg.teacher.name, "teacher_kwargs": cfg.teacher.kwargs,
@@ -159,8 +169,9 @@ def evaluate(model: nn.Module, loader: Loader) -> dict[str, float]:
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)
-    for x, y in loader:
-        logits = logits_of(model(x)).float()
+    for batch in loader:
+        y = batch.target
+        logits = logits_of(model(batch.inputs)).float()
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = topk == y[:, None]
         totals += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(),

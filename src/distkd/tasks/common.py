@@ -48,7 +48,7 @@ def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module
     names = [t.loss if t.student == "logits" else f"{t.loss}_{t.student}" for t in cfg.loss.distill]
     terms = [
         Term(name if names.count(name) == 1 else f"{name}{i}", build_loss(t.loss, **t.kwargs), t.weight,
-             t.student, t.teacher)
+             t.student, t.teacher, t.transform, t.lr, t.weight_decay)
         for i, (name, t) in enumerate(zip(names, cfg.loss.distill, strict=True))
     ]
     return teacher, terms
@@ -56,12 +56,12 @@ def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module
 
 def check_input(model: nn.Module, loader: Loader, role: str) -> None:
     """Fail early, in one line, when the model cannot take the dataset's images (e.g. wrong in_chans)."""
-    x = next(iter(loader))[0]
+    x = next(iter(loader)).inputs
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(x[:2])
+            model(x[:2].to(next(model.parameters()).device))
     except RuntimeError as exc:
         raise ConfigError(
             f"{role} cannot take inputs of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}; "

@@ -2,9 +2,10 @@
 
 Models return ``{"out": (N, K, h, w), "aux": (N, K, h, w)}`` at the head's resolution (H/8 for the dilated
 nets). Distillation terms compare those logits before upsampling, every pixel an instance, as the DIST
-authors do (``student: logits`` is ``out``, ``student: aux`` the auxiliary head). The task loss upsamples:
-``CE(out) + loss.aux_weight * CE(aux)`` with label 255 ignored. ``loss.mask_ignore`` also keeps ignore-label
-pixels out of the distillation terms (the authors did not).
+authors do (``student: logits`` is ``out``, ``student: aux`` the auxiliary head). The task losses upsample:
+``ce = CE(out)`` and ``aux_ce = loss.aux_weight * CE(aux)`` (both times ``loss.ce_weight``, logged apart),
+label 255 ignored. ``loss.mask_ignore`` also keeps ignore-label pixels out of the distillation terms (the
+authors did not).
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from distkd.config import DataConfig, RunConfig
 from distkd.data.augment import CropFlip
 from distkd.data.base import InMemoryData
 from distkd.data.loaders import IGNORE_INDEX, TensorLoader
-from distkd.distill import Distiller
+from distkd.distill import Distiller, SingleInputStep
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader, TrainSetup
-from distkd.errors import ConfigError, UnknownNameError
+from distkd.errors import ConfigError
 from distkd.metrics.segmentation import ConfusionMatrix
-from distkd.registry import nearest
+from distkd.registry import Registry
 from distkd.tasks.common import build_model, build_teacher_and_terms, check_input, eval_shard
 
-DATASETS = ("scenes", "cityscapes", "voc")
+DATASETS: Registry[object] = Registry("segmentation dataset")
 
 
 @dataclass(frozen=True)
@@ -41,24 +42,36 @@ class FileSegData:
     num_classes: int
 
 
+@DATASETS.register("scenes")
+def _scenes(cfg: DataConfig, seed: int) -> InMemoryData:
+    from distkd.data.scenes import load_scenes
+
+    return load_scenes(**cfg.kwargs)
+
+
+@DATASETS.register("cityscapes")
+def _cityscapes(cfg: DataConfig, seed: int) -> FileSegData:
+    return _files(cfg, seed)
+
+
+DATASETS.register("voc")(_cityscapes)
+
+
+def _files(cfg: DataConfig, seed: int) -> FileSegData:
+    from distkd.data import segmentation as seg
+
+    if cfg.root is None:
+        raise ConfigError(f"data.root is required for dataset '{cfg.name}'")
+    reader = seg.cityscapes if cfg.name == "cityscapes" else seg.voc
+    default_crop = seg.CITYSCAPES_CROP if cfg.name == "cityscapes" else seg.VOC_CROP
+    crop = tuple(cfg.kwargs.get("crop_size", default_crop))
+    train = reader(cfg.root, "train", seg.TrainTransform(crop), seed=seed)
+    return FileSegData(train, reader(cfg.root, "val", seg.EvalTransform(), seed=seed), None, train.num_classes)
+
+
 def load_dataset(cfg: DataConfig, seed: int) -> InMemoryData | FileSegData:
     """The dataset ``cfg.name`` names; ``cfg.kwargs`` go to its reader (e.g. scene counts, crop size)."""
-    if cfg.name == "scenes":
-        from distkd.data.scenes import load_scenes
-
-        return load_scenes(**cfg.kwargs)
-    if cfg.name in ("cityscapes", "voc"):
-        from distkd.data import segmentation as seg
-
-        if cfg.root is None:
-            raise ConfigError(f"data.root is required for dataset '{cfg.name}'")
-        reader = seg.cityscapes if cfg.name == "cityscapes" else seg.voc
-        default_crop = seg.CITYSCAPES_CROP if cfg.name == "cityscapes" else seg.VOC_CROP
-        crop = tuple(cfg.kwargs.get("crop_size", default_crop))
-        train = reader(cfg.root, "train", seg.TrainTransform(crop), seed=seed)
-        return FileSegData(train, reader(cfg.root, "val", seg.EvalTransform(), seed=seed), None, train.num_classes)
-    raise UnknownNameError(f"unknown segmentation dataset '{cfg.name}'{nearest(cfg.name, list(DATASETS))}; "
-                           f"known: {', '.join(DATASETS)}")
+    return DATASETS.get(cfg.name)(cfg, seed)
 
 
 def build_loaders(cfg: RunConfig, data: InMemoryData | FileSegData,
@@ -95,16 +108,16 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     train, val, test = build_loaders(cfg, data, device)
     student = build_model(cfg.model, data.num_classes, "model")
     teacher, terms = build_teacher_and_terms(cfg, data.num_classes)
-    aux_weight = cfg.loss.aux_weight
+    weight, aux_weight = cfg.loss.ce_weight, cfg.loss.ce_weight * cfg.loss.aux_weight
 
-    def task_loss(output: dict[str, Tensor], target: Tensor) -> Tensor:
-        loss = _upsampled_ce(output["out"], target)
+    def task_loss(output: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        losses = {"ce": weight * _upsampled_ce(output["out"], target)} if weight > 0 else {}
         if "aux" in output and aux_weight > 0:
-            loss = loss + aux_weight * _upsampled_ce(output["aux"], target)
-        return loss
+            losses["aux_ce"] = aux_weight * _upsampled_ce(output["aux"], target)
+        return losses
 
-    distiller = Distiller(student, teacher, terms, task_loss=task_loss, task_weight=cfg.loss.ce_weight,
-                          context_fn=ignore_mask if cfg.loss.mask_ignore else None)
+    step = SingleInputStep(task_loss, context_fn=ignore_mask if cfg.loss.mask_ignore else None)
+    distiller = Distiller(student, teacher, terms, step)
     check_input(student, val, "model")
     return TrainSetup(distiller, train, val, test, evaluate, metric="miou")
 
@@ -128,8 +141,9 @@ def evaluate(model: nn.Module, loader: Loader) -> dict[str, float]:
     was_training = model.training
     model.eval()
     matrix: ConfusionMatrix | None = None
-    for x, y in loader:
-        logits = model(x)["out"]
+    for batch in loader:
+        y = batch.target
+        logits = model(batch.inputs)["out"]
         if matrix is None:
             matrix = ConfusionMatrix(logits.shape[1])
         up = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
