@@ -96,8 +96,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory, fast_overrides: tu
 def test_two_processes_follow_the_one_process_trajectory(
     tmp_path: Path, fast_overrides: tuple[str, ...], two_process_run: Path, run_train
 ) -> None:
-    from distkd.cli import resolve_config_path
-    from distkd.config import load_config
+    from distkd.config import load_config, resolve_config_path
 
     cfg = load_config(resolve_config_path("demo/student.yaml"),
                       [*fast_overrides, *VIT, f"data.batch_size={GLOBAL_BATCH}", f"out_dir={tmp_path}"])
@@ -222,3 +221,29 @@ def test_two_processes_evaluate_each_sample_once_and_share_rank_zero_initial_wei
             assert g[key] == pytest.approx(want[key], rel=1e-6), key
     assert got[0]["before"] != got[1]["before"]  # seeded by rank, the two students start apart...
     assert got[0]["after"] == got[1]["after"] == got[0]["before"]  # ...and DDP gives both rank 0's weights
+
+
+@pytest.mark.slow
+def test_two_processes_keep_an_adapter_identical_on_both_ranks(
+    tmp_path: Path, fast_overrides: tuple[str, ...], teacher_run: tuple[Path, dict]
+) -> None:
+    # FitNet's regressor is created by each rank's shape probe with its own random state, and each rank sees other
+    # images: only rank 0's initial state sent to all, and gradients averaged over ranks, keep the two equal.
+    teacher_ckpt = teacher_run[0] / "checkpoints" / "best.pt"
+    script = Path(__file__).with_name("ddp_term_state.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), "demo/fitnet.yaml", *fast_overrides, f"out_dir={tmp_path}", "train.epochs=1",
+           "teacher.name=small_cnn3_w4", f"teacher.checkpoint={teacher_ckpt}", "loss.distill.0.teacher=features.7",
+           "data.batch_size=64"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["terms"].keys() == rank1["terms"].keys() and len(rank0["terms"]) > 0
+    for key, value in rank0["terms"].items():
+        assert torch.equal(value, rank1["terms"][key]), key
+        assert torch.equal(rank0["initial"][key], rank1["initial"][key]), key  # rank 0's initial state
+    assert not torch.equal(rank0["terms"]["0.0.regressor.conv.weight"], rank0["initial"]["0.0.regressor.conv.weight"])
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), key
+    saved = torch.load(tmp_path / "fitnet" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(saved["terms"][k], v) for k, v in rank0["terms"].items())

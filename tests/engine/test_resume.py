@@ -102,3 +102,40 @@ def test_killed_and_resumed_run_ends_bit_identical(
         assert [r[key] for r in resumed] == [r[key] for r in reference], f"{key} {note}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary == json.loads((ref_dir / "summary.json").read_text()), note
+
+
+@pytest.mark.slow
+def test_a_killed_distillation_with_an_adapter_resumes_mid_epoch_bit_identical(
+    tmp_path: Path, fast_overrides: tuple[str, ...], teacher_run: tuple[Path, dict], make_config, run_train
+) -> None:
+    # FitNet from the session's teacher: its regressor is trainable term state; checkpoints every 10 of 54 steps.
+    teacher_ckpt = teacher_run[0] / "checkpoints" / "best.pt"
+    overrides = ("teacher.name=small_cnn3_w4", f"teacher.checkpoint={teacher_ckpt}",
+                 "loss.distill.0.teacher=features.7", "train.epochs=1", "train.checkpoint_every=10",
+                 "train.progress=lines")
+    reference = make_config("demo/fitnet.yaml", tmp_path / "reference", *overrides)
+    run_train(reference)
+    run_root, log = tmp_path / "killed", tmp_path / "train.log"
+    run_root.mkdir()
+    cmd = [sys.executable, "-m", "distkd", "train", "demo/fitnet.yaml", *fast_overrides, f"out_dir={run_root}",
+           *overrides]
+    with log.open("a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    last = run_root / "fitnet" / "checkpoints" / "last.pt"
+    wait_for(last, proc, timeout=240)
+    time.sleep(random.uniform(0.0, 0.3))
+    assert kill(proc), "the run ended before it could be killed"
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 0 and saved["batch"] > 0, "the kill came after a mid-epoch checkpoint"
+    with log.open("a") as out:
+        resumed = subprocess.run([*cmd, "--resume"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, log.read_text()[-2000:]
+    where = f"at step {saved['step']} (epoch 0, batch {saved['batch']} of epoch 1)"
+    assert f"resumed from {last} {where}" in log.read_text()
+    got = torch.load(last, weights_only=True)
+    want = torch.load(reference.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    for entry in ("model", "terms"):
+        assert got[entry].keys() == want[entry].keys() and len(got[entry]) > 0
+        for key, value in want[entry].items():
+            assert torch.equal(got[entry][key], value), f"{entry}.{key} differs"
+    assert got["terms"]["0.0.regressor.conv.weight"].shape == (8, 4, 1, 1)  # w2 stage 2 -> w4 stage 2

@@ -8,6 +8,11 @@ and ``epoch`` (int); a loss ignores what it does not use.
 - ``DIST`` (``"dist"``): inter- and intra-class Pearson relations (Huang et al., NeurIPS 2022).
 - ``KD`` (``"kd"``): ``tau**2 * KL(teacher || student)`` of softened probabilities (Hinton et al.).
 - ``DKD`` (``"dkd"``): decoupled target / non-target KD (Zhao et al., CVPR 2022); needs ``target``.
+- ``FitNet`` (``"fitnet"``): MSE between a learnable regressor of the student's feature map and the
+  teacher's (Romero et al., ICLR 2015); the regressor is trainable state sized by the shape probe.
+
+A loss with trainable state builds it in ``probe(student, teacher, **context)``, which the Distiller calls
+once with real tensors before training; its parameters are then trained with the student.
 
 Logits are ``(N, C)`` or dense ``(N, C, d1, ..., dk)`` with one instance per position.
 """
@@ -34,6 +39,7 @@ def list_losses() -> list[str]:
 # Importing the loss modules registers them (they import LOSSES from here).
 from distkd.losses.dist import DIST  # noqa: E402
 from distkd.losses.dkd import DKD  # noqa: E402
+from distkd.losses.fitnet import FitNet  # noqa: E402
 from distkd.losses.kd import KD  # noqa: E402
 
-__all__ = ["DIST", "DKD", "KD", "LOSSES", "build_loss", "list_losses"]
+__all__ = ["DIST", "DKD", "KD", "LOSSES", "FitNet", "build_loss", "list_losses"]
