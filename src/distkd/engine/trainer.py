@@ -140,7 +140,7 @@ class Trainer:
         loader.set_epoch(self.epoch, self.batch)
         self.distiller.train()
         self.progress.start_epoch(self.epoch, len(loader) - self.batch)
-        start, images, group = time.perf_counter(), 0, {}
+        start, images, group = time.perf_counter(), 0, {}  # group: this step's losses, for log_every lines
         for batch in loader:
             size = min(self.accumulate, len(loader) - self.batch // self.accumulate * self.accumulate)
             last_of_group = (self.batch + 1) % self.accumulate == 0 or self.batch + 1 == len(loader)
@@ -153,7 +153,8 @@ class Trainer:
             for key, value in {"loss": loss, **out.losses, **out.parts}.items():
                 value = value.detach().float()
                 self.sums[key] = self.sums.get(key, 0.0) + value
-                group[key] = group.get(key, 0.0) + value / size
+                if train_cfg.log_every:
+                    group[key] = group.get(key, 0.0) + (value / size if size > 1 else value)
             self.batch += 1
             images += len(batch)
             if self.progress.shows_steps:
