@@ -43,7 +43,8 @@ class TermConfig:
 
     ``student``/``teacher`` name what is compared: ``logits`` (the model output), a key of a dict output
     (e.g. ``aux``), or a module path tapped by a forward hook (e.g. ``layer3``; a module called several times
-    per forward, such as a head shared by FPN levels, gives one loss per call, summed). ``transform`` reshapes
+    per forward, such as a head shared by FPN levels, gives one loss per call, summed; a list of paths gives the
+    loss lists of features, for methods that use several at once). ``transform`` reshapes
     both sides first (``none``, ``class_last``, ``flatten``, ``pool``). ``lr``/``weight_decay``: the optimizer
     settings of the loss's own trainable state (adapters), when it has any; null: ``optim``'s.
     """
@@ -51,8 +52,8 @@ class TermConfig:
     loss: str = "dist"
     weight: float = field(default=1.0, metadata=_check(0))
     kwargs: dict[str, Any] = field(default_factory=dict)
-    student: str = "logits"
-    teacher: str = "logits"
+    student: str | list[str] = "logits"
+    teacher: str | list[str] = "logits"
     transform: str = "none"
     lr: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
     weight_decay: float | None = field(default=None, metadata=_check(0))
@@ -311,7 +312,12 @@ def _coerce(tp: Any, value: Any, path: str, meta: Any = None) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path, meta) if len(inner) == 1 else value
+        for option in inner[:-1]:  # the first type the value fits; the last one's error names the problem
+            try:
+                return _coerce(option, value, path, meta)
+            except ConfigError:
+                continue
+        return _coerce(inner[-1], value, path, meta)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config: {path}: expected one of {', '.join(map(str, args))}, got {_show(value)}")

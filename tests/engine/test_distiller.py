@@ -195,3 +195,33 @@ def test_the_teachers_evaluation_sees_the_inputs_its_training_calls_see(pair: Mo
     summary = trainer.fit()
     assert summary["teacher_val"] == evaluate(distiller.teacher_for_eval(), val)
     assert summary["teacher_val"] != evaluate(teacher, val)  # (the raw teacher scores otherwise)
+
+
+def test_a_list_of_module_paths_gives_the_loss_lists_of_features(pair: Models, batch: Batch) -> None:
+    student, teacher = pair
+    seen: list[tuple[list, list]] = []
+
+    class Several(nn.Module):
+        def forward(self, s: list[Tensor], t: list[Tensor], *, return_parts: bool = False, **context: object):
+            seen.append((s, t))
+            loss = sum((a.mean() - b.mean()) ** 2 for a, b in zip(s, t, strict=True))
+            return (loss, {}) if return_parts else loss
+
+    paths = ["features.3", "features.7"]
+    Distiller(student, teacher, [Term("several", Several(), 1.0, paths, paths)])(DataBatch(*batch))
+    ((s, t),) = seen
+    with torch.no_grad():
+        expected = [student.features[:4](batch[0]), student.features[:8](batch[0])]
+        teacher_expected = [teacher.features[:4](batch[0]), teacher.features[:8](batch[0])]
+    assert [tuple(x.shape) for x in s] == [tuple(x.shape) for x in expected] == [(16, 2, 14, 14), (16, 4, 7, 7)]
+    for got, want in zip([*s, *t], [*expected, *teacher_expected], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_term_config_takes_one_path_or_a_list_of_paths() -> None:
+    from distkd.config import load_config
+
+    cfg = load_config(None, ["loss.distill=[{loss: kd, student: [layer1, layer2], teacher: layer3}]"])
+    assert cfg.loss.distill[0].student == ["layer1", "layer2"] and cfg.loss.distill[0].teacher == "layer3"
+    with pytest.raises(ConfigError, match=r"loss.distill.0.student: expected a list, got dict"):
+        load_config(None, ["loss.distill=[{loss: kd, student: {a: 1}}]"])

@@ -34,7 +34,8 @@ class Term:
     ``student_key``/``teacher_key``: ``logits`` (the model output, or its ``"out"`` entry), another entry of a
     dict output (e.g. ``aux``), or a module path tapped by a forward hook. A module called L times in one
     forward (a head shared across FPN levels) gives L pairs; each pair gets its own copy of ``loss`` (its own
-    adapter, if the loss has one) and the L values are summed. ``transform`` names a
+    adapter, if the loss has one) and the L values are summed. A *list* of keys gives one pair of lists (the
+    outputs of every listed path, in order) for losses that take several features at once (e.g. ReviewKD). ``transform`` names a
     :mod:`distkd.distill.transforms` entry applied to both sides first. ``lr``/``weight_decay``: the optimizer
     settings of the loss's own parameters (None: the student's).
     """
@@ -42,8 +43,8 @@ class Term:
     name: str
     loss: nn.Module
     weight: float
-    student_key: str = LOGITS
-    teacher_key: str = LOGITS
+    student_key: str | list[str] = LOGITS
+    teacher_key: str | list[str] = LOGITS
     transform: str = "none"
     lr: float | None = None
     weight_decay: float | None = None
@@ -157,7 +158,8 @@ class Distiller(nn.Module):
         self.teacher_taps = FeatureTaps(teacher, self._tapped("teacher_key"), "the teacher") if teacher else None
 
     def _tapped(self, attr: str) -> list[str]:
-        return sorted({getattr(t, attr) for t in self.terms} - {LOGITS, "out", "aux"})
+        keys = {k for t in self.terms for k in _as_list(getattr(t, attr))}
+        return sorted(keys - {LOGITS, "out", "aux"})
 
     def train(self, mode: bool = True) -> Distiller:
         """Switch the student (and losses) to ``mode``; the teacher always stays in eval mode."""
@@ -269,6 +271,11 @@ class Distiller(nn.Module):
 
     def _pairs(self, term: Term, output: Any, teacher_output: Any) -> list[tuple[Tensor, Tensor]]:
         transform = get_transform(term.transform)
+        if isinstance(term.student_key, list) or isinstance(term.teacher_key, list):
+            s = [x for key in _as_list(term.student_key) for x in _select(output, self.student_taps, key, "student")]
+            t = [x for key in _as_list(term.teacher_key)
+                 for x in _select(teacher_output, self.teacher_taps, key, "teacher")]
+            return [([transform(x) for x in s], [transform(x) for x in t])]
         s = _select(output, self.student_taps, term.student_key, "student")
         t = _select(teacher_output, self.teacher_taps, term.teacher_key, "teacher")
         if len(s) != len(t):
@@ -295,6 +302,10 @@ def _select(output: Any, taps: FeatureTaps | None, key: str, role: str) -> list[
     if not calls:
         raise ConfigError(f"the {role}'s module '{key}' was not called in the forward pass; tap a module it runs")
     return list(calls)
+
+
+def _as_list(key: str | list[str]) -> list[str]:
+    return key if isinstance(key, list) else [key]
 
 
 def logits_of(output: Any) -> Tensor:

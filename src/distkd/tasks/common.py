@@ -45,13 +45,17 @@ def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module
     if cfg.loss.distill and teacher is None:
         raise ConfigError("loss.distill has terms but no teacher is configured; set teacher.name and "
                           "teacher.checkpoint, or remove loss.distill")
-    names = [t.loss if t.student == "logits" else f"{t.loss}_{t.student}" for t in cfg.loss.distill]
+    names = [t.loss if t.student == "logits" else f"{t.loss}_{'+'.join(_keys(t.student))}" for t in cfg.loss.distill]
     terms = [
         Term(name if names.count(name) == 1 else f"{name}{i}", build_loss(t.loss, **t.kwargs), t.weight,
              t.student, t.teacher, t.transform, t.lr, t.weight_decay)
         for i, (name, t) in enumerate(zip(names, cfg.loss.distill, strict=True))
     ]
     return teacher, terms
+
+
+def _keys(key: str | list[str]) -> list[str]:
+    return key if isinstance(key, list) else [key]
 
 
 def check_input(model: nn.Module, loader: Loader, role: str) -> None:
