@@ -35,9 +35,9 @@ class Term:
     dict output (e.g. ``aux``), or a module path tapped by a forward hook. A module called L times in one
     forward (a head shared across FPN levels) gives L pairs; each pair gets its own copy of ``loss`` (its own
     adapter, if the loss has one) and the L values are summed. A *list* of keys gives one pair of lists (the
-    outputs of every listed path, in order) for losses that take several features at once (e.g. ReviewKD). ``transform`` names a
-    :mod:`distkd.distill.transforms` entry applied to both sides first. ``lr``/``weight_decay``: the optimizer
-    settings of the loss's own parameters (None: the student's).
+    outputs of every listed path, in order) for losses that take several features at once (e.g. ReviewKD).
+    ``transform`` names a :mod:`distkd.distill.transforms` entry applied to both sides first.
+    ``lr``/``weight_decay``: the optimizer settings of the loss's own parameters (None: the student's).
     """
 
     name: str
