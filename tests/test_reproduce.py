@@ -69,7 +69,7 @@ def test_dry_run_trains_each_teacher_once_then_every_seed(capsys: pytest.Capture
     teacher_ckpt = out / "teachers" / "cifar100-resnet32x4" / "checkpoints" / "best.pt"
     assert lines[0][3:] == [f"out_dir={out / 'teachers'}", "name=cifar100-resnet32x4", "data.root=/data",
                             "train.epochs=3"]
-    assert lines[2][3:] == [f"out_dir={out / 'cifar100'}", "name=resnet32x4-resnet8x4/seed1", "seed=1",
+    assert lines[2][3:] == [f"out_dir={out / 'cifar100' / 'resnet32x4-resnet8x4'}", "name=seed1", "seed=1",
                             f"teacher.checkpoint={teacher_ckpt}", "data.root=/data", "train.epochs=3"]
     assert all(line[:2] == ["distkd", "train"] for line in lines)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state
 from distkd.engine.trainer import Trainer, seed_everything
 from distkd.errors import CheckpointError, ConfigError
+from distkd.models.weights import load_weights
 from distkd.tasks import get_task
 from distkd.tasks.common import build_model
 
@@ -30,20 +33,67 @@ def _train(cfg: RunConfig, device: torch.device, resume: bool) -> dict[str, Any]
     task = get_task(cfg.task)  # an unknown task fails before anything is written
     run_dir = cfg.run_dir
     last = run_dir / "checkpoints" / "last.pt"
+    if resume and not last.exists():
+        raise ConfigError(f"nothing to resume in {run_dir}: it has no checkpoints/last.pt (the run stopped before "
+                          "its first checkpoint, or never started); run the same command without --resume")
     if resume:
         _check_same_config(cfg, last)
     elif last.exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or set name=... for a new one")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(run_dir)
     seed_everything(cfg.seed + distributed.rank())  # differs by rank; DDP then gives every rank rank 0's student
-    setup = task.build(cfg, device)
+    setup = task.build(cfg, device)  # a config the task refuses leaves no folder behind
+    if not resume and distributed.is_main():
+        _remove_unfinished_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, setup, device, run_dir).fit(resume=resume)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run folder can be created (or written): its nearest existing ancestor is a writable folder."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = ("is a file, not a folder" if not existing.is_dir() else
+               "is not writable (read-only file system or permissions)" if not os.access(existing, os.W_OK) else "")
+    if problem:
+        raise ConfigError(f"cannot create the run folder {run_dir}: {existing} {problem}; set out_dir= to a "
+                          "writable folder")
+
+
+RUN_RECORDS = ("metrics.jsonl", "tensorboard", "config.yaml", "env.json", "summary.json", "report.md", "checkpoints")
+
+
+def _remove_unfinished_run(run_dir: Path) -> None:
+    """A fresh start owns its run folder: drop the records of a run that died before its first checkpoint
+    (they would otherwise be appended to). A shared teacher cache inside it is kept."""
+    found = [run_dir / name for name in RUN_RECORDS if (run_dir / name).exists()]
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if found:
+        print(f"starting over in {run_dir}: removed {', '.join(p.name for p in found)} of a run that stopped before "
+              "its first checkpoint", flush=True)
 
 
 def evaluate_checkpoint(path: str | Path, split: str = "val") -> dict[str, float]:
     """The task's metrics (top-1/top-5, or mIoU) of a distkd checkpoint (best.pt or last.pt) on ``split``."""
     state = load_state(Path(path))
-    cfg = from_dict(RunConfig, state["config"])
+    if "config" not in state:
+        raise CheckpointError(f"{path} holds no run config to rebuild its model and data from; evaluate it with a "
+                              "config: distkd eval CONFIG model.checkpoint=PATH")
+    try:
+        cfg = from_dict(RunConfig, state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its saved config is not valid for this distkd version ({exc})") from None
+    return evaluate_config(cfg, split, weights=state["model"], origin=f"checkpoint '{path}'")
+
+
+def evaluate_config(cfg: RunConfig, split: str = "val", weights: dict[str, Any] | None = None,
+                    origin: str = "") -> dict[str, float]:
+    """The metrics on ``split`` of the model ``cfg`` describes, with ``weights`` (a state_dict) or, without them,
+    the weights ``model.checkpoint`` names (plain state dicts of timm, torchvision or other tools load too)."""
+    if weights is None and cfg.model.checkpoint is None:
+        raise ConfigError("nothing to evaluate: the config names no weights; set model.checkpoint=PATH")
     cfg = dataclasses.replace(cfg, teacher=None, loss=dataclasses.replace(cfg.loss, distill=[]))
     task = get_task(cfg.task)
     device = _device(cfg.train)
@@ -51,11 +101,11 @@ def evaluate_checkpoint(path: str | Path, split: str = "val") -> dict[str, float
     loaders = dict(zip(("train", "val", "test"), task.build_loaders(cfg, data, device), strict=True))
     if loaders.get(split) is None:
         raise ConfigError(f"dataset '{cfg.data.name}' has no '{split}' split; use --split val")
-    model = build_model(cfg.model, data.num_classes, "model")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {cfg.model.name}: {str(exc).splitlines()[0]}") from None
+    if weights is None:
+        model = build_model(cfg.model, data.num_classes, "model")
+    else:
+        model = build_model(dataclasses.replace(cfg.model, checkpoint=None), data.num_classes, "model")
+        load_weights(model, weights, origin=origin)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -82,6 +132,12 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
 def _device(train_cfg: Any) -> torch.device:
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
-    if train_cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    if train_cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={train_cfg.device} but no CUDA device is available; "
+                              "use train.device=cpu or auto")
+        index = int(train_cfg.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={train_cfg.device} but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return distributed.init_from_env(train_cfg.device)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from distkd.config import bundled_configs, resolve_config_path
-from distkd.errors import DistkdError
+from distkd.errors import ConfigError, DistkdError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -22,12 +22,31 @@ def _train(args: argparse.Namespace) -> None:
 
     from distkd.api import train
 
-    summary = train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        if (cfg.run_dir / "checkpoints" / "last.pt").exists():
+            advice = f"continue it with the same command and --resume (from {cfg.run_dir}/checkpoints/last.pt)"
+        else:
+            advice = "it stopped before its first checkpoint: run the same command again to start it over"
+        print(f"interrupted; {advice}", file=sys.stderr)
+        raise SystemExit(130) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same summary
         print(json.dumps(summary, indent=2))
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.checkpoint.endswith((".yaml", ".yml")):  # a config whose model.checkpoint names the weights
+        from distkd.config import load_config
+
+        cfg = load_config(args.checkpoint, args.overrides)  # config errors come before torch loads
+
+        from distkd.api import evaluate_config
+
+        print(json.dumps(evaluate_config(cfg, args.split), indent=2))
+        return
+    if args.overrides:
+        raise ConfigError("key=value overrides go with a config: distkd eval CONFIG model.checkpoint=PATH ...")
     from distkd.api import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))
@@ -88,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoints/last.pt")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset, or a config's model.checkpoint weights")
+    p.add_argument("checkpoint", help="a distkd checkpoint (best.pt, last.pt), or a YAML config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="with a config: e.g. model.checkpoint=PATH")
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.set_defaults(func=_eval)
 
@@ -150,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -11,6 +11,8 @@ Every problem is a :class:`~distkd.errors.ConfigError` naming the key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +89,7 @@ class DataConfig:
     preset: str = "b1"
     image_size: int = field(default=224, metadata=_check(1))
     num_workers: int = field(default=4, metadata=_check(0))
+    skip_unreadable: bool = False  # image folders: leave out files that cannot be decoded (counted, not silent)
 
 
 @dataclass
@@ -141,6 +144,10 @@ class TrainConfig:
     checkpoint_every: int | None = field(default=None, metadata=_check(1))  # steps, besides every epoch's end
     log_every: int | None = field(default=None, metadata=_check(1))  # steps between train_step/* records
 
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"config: train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
 
 @dataclass
 class TeacherCacheConfig:
@@ -151,7 +158,7 @@ class TeacherCacheConfig:
 
     views: int = field(default=0, metadata=_check(0))
     dir: str | None = None
-    seed: int = 0
+    seed: int = field(default=0, metadata=_check(0, 2**63 - 1))
 
 
 @dataclass
@@ -161,7 +168,7 @@ class RunConfig:
     task: str = "classification"  # a registered task (distkd.tasks): classification, segmentation
     name: str = "run"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_check(0, 2**63 - 1))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig | None = None
@@ -170,6 +177,11 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
+            raise ConfigError(f"config: name: a run name is one folder name inside out_dir, got {self.name!r}; "
+                              "use letters, digits, '-', '_' or '.' (e.g. name=dist_seed1), and out_dir= for where")
 
     @property
     def run_dir(self) -> Path:
@@ -228,16 +240,24 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"config: 'base' chain loops back to {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config {path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        raise ConfigError(f"config {path} is empty; give at least a model (see `distkd configs` for examples)")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config {path}: base: expected the name of another config file, got {_show(base)}")
     beside, bundled = path.parent / str(base), resolve_config_path(str(base))  # beside the file, else bundled
     target = bundled if not beside.is_file() and bundled.is_file() else beside
     return _merge(_read_yaml(target, (*seen, path.resolve())), data)
@@ -343,6 +363,8 @@ def _coerce(tp: Any, value: Any, path: str, meta: Any = None) -> Any:
         if isinstance(value, bool) or not ok:
             kind = "an integer" if tp is int else "a number"
             raise ConfigError(f"config: {path}: expected {kind}, got {_show(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config: {path}: expected a finite number, got {value}")
         _check_range(tp(value), path, meta or {})
         return tp(value)
     if tp is str:

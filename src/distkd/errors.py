@@ -31,3 +31,9 @@ class DataError(DistkdError, ValueError):
 
 class ShapeError(DistkdError, ValueError):
     """Tensors given to a loss or model have shapes that do not fit together."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from distkd.errors import UnknownNameError
+from distkd.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T")
+
+
+def accepted_arguments(factory: Callable[..., object]) -> list[str] | None:
+    """The keyword arguments ``factory`` takes, or None when it takes any (``**kwargs``)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
 
 
 def nearest(name: str, choices: list[str]) -> str:
@@ -54,8 +66,16 @@ class Registry(Generic[T]):
         return self._entries[key]
 
     def build(self, name: str, **kwargs: object) -> T:
-        """Call the factory registered as ``name`` with ``kwargs``."""
-        return self.get(name)(**kwargs)
+        """Call the factory registered as ``name`` with ``kwargs``; an argument it does not take is a one-line
+        ConfigError naming the valid ones."""
+        factory = self.get(name)
+        valid = accepted_arguments(factory)
+        unknown = [key for key in kwargs if valid is not None and key not in valid]
+        if unknown:
+            hint = nearest(unknown[0], valid) if valid else ""
+            raise ConfigError(f"{self.kind} '{name}' has no argument '{unknown[0]}'{hint}; valid: "
+                              f"{', '.join(valid) or 'none'}")
+        return factory(**kwargs)
 
     def names(self) -> list[str]:
         """All registered names, sorted."""

@@ -220,7 +220,7 @@ def plan(table: Table, rows: Sequence[str] | None, seeds: int, out: Path, overri
                 given = str(folder / row.teacher.key / "checkpoints" / "best.pt")
             teacher_opts = (f"teacher.checkpoint={given}",)
         for seed in range(seeds):
-            extra = (f"out_dir={out / table.name}", f"name={row.name}/seed{seed}", f"seed={seed}", *teacher_opts,
+            extra = (f"out_dir={out / table.name / row.name}", f"name=seed{seed}", f"seed={seed}", *teacher_opts,
                      *overrides)
             steps.append((row.name, Run(row.student.config, row.student.overrides + extra)))
     return steps

@@ -185,3 +185,49 @@ def test_unknown_dataset_name_lists_known_ones(tmp_path: Path) -> None:
 def test_expected_files_match_the_official_layout(tmp_path: Path) -> None:
     names = [p.relative_to(tmp_path).as_posix() for p in expected_files("cifar100", tmp_path)]
     assert names == ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"]
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system`` (a crafted file would run any command)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_crafted_cifar_file_is_refused_in_one_line_and_never_run(tmp_path: Path, protocol: int) -> None:
+    write_cifar100(tmp_path)
+    marker = tmp_path / "ran"
+    path = tmp_path / "cifar-100-python" / "train"
+    path.write_bytes(pickle.dumps({"data": _RunsCode(marker), "fine_labels": [0]}, protocol=protocol))
+    with pytest.raises(DataError) as err:
+        load_cifar("cifar100", str(tmp_path))
+    assert not marker.exists()
+    message = str(err.value)
+    assert "\n" not in message and f"refused to load {path}: it asks to run posix.system" in message
+    assert "nothing was run" in message
+
+
+def test_an_object_array_in_a_cifar_file_is_refused(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    _dump(path, {"data": np.array([object()] * 4, dtype=object), "labels": [0]})
+    with pytest.raises(DataError, match="an object dtype"):
+        load_cifar("cifar10", str(tmp_path))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_files_pickled_with_any_protocol_read_the_same(tmp_path: Path, protocol: int) -> None:
+    written = write_cifar10(tmp_path)
+    reference = load_cifar("cifar10", str(tmp_path))
+    for path in expected_files("cifar10", tmp_path):
+        path.write_bytes(pickle.dumps(pickle.loads(path.read_bytes()), protocol=protocol))
+    again = load_cifar("cifar10", str(tmp_path))
+    assert torch.equal(again.train.images, reference.train.images) and torch.equal(again.test.labels,
+                                                                                    reference.test.labels)
+    assert len(reference.train) == sum(len(written[f"data_batch_{i}"]["labels"]) for i in range(1, 6))

@@ -121,3 +121,22 @@ def test_teacher_cache_refuses_feature_terms(tmp_path):
     cfg.loss.distill[0].student = cfg.loss.distill[0].teacher = "features.2"
     with pytest.raises(ConfigError, match="teacher: logits"):
         train(cfg)
+
+
+@pytest.mark.parametrize("damage", ["meta", "truncated", "missing"])
+def test_a_damaged_cache_is_rebuilt_saying_so(tmp_path, setup, damage):
+    loader, teacher, record = setup
+    first = TeacherCache.open_or_build(tmp_path, record, teacher, loader, 16, log=lambda _: None)
+    reference = np.array(first.logits)
+    del first
+    if damage == "meta":
+        (tmp_path / "meta.json").write_bytes(b"\xff{not json")
+    elif damage == "truncated":
+        with (tmp_path / "logits.f16").open("r+b") as f:
+            f.truncate(100)
+    else:
+        (tmp_path / "logits.f16").unlink()
+    messages = []
+    again = TeacherCache.open_or_build(tmp_path, record, teacher, loader, 16, log=messages.append)
+    assert any("is damaged" in m and "rebuilding it" in m for m in messages), messages
+    assert np.array_equal(np.array(again.logits), reference)

@@ -111,7 +111,7 @@ def test_resuming_needs_a_full_checkpoint(
     with pytest.raises(CheckpointError, match="holds weights only and cannot resume"):
         run_train(cfg, resume=True)
     fresh = make_config("demo/teacher.yaml", tmp_path / "empty", "train.epochs=2")
-    with pytest.raises(CheckpointError, match="checkpoint not found"):
+    with pytest.raises(ConfigError, match="nothing to resume in .*; run the same command without --resume"):
         run_train(fresh, resume=True)
 
 

@@ -108,8 +108,18 @@ def test_ema_is_updated_evaluated_and_checkpointed(tmp_path: Path) -> None:
 def test_a_nan_loss_stops_the_run_with_advice(tmp_path: Path) -> None:
     setup = tiny_setup()
     setup.distiller.step.task_loss = lambda output, target: {"ce": output.sum() * float("nan")}
+    with pytest.raises(TrainingDiverged, match="training loss became nan at step 1; lower optim.lr"):
+        Trainer(tiny_config(), setup, torch.device("cpu"), tmp_path / "first").fit()  # the first step is checked
+    later = tiny_setup()
+    calls = {"n": 0}
+
+    def nan_from_step_3(output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        calls["n"] += torch.is_grad_enabled()
+        return {"ce": F.cross_entropy(output, target) * (float("nan") if calls["n"] >= 3 else 1.0)}
+
+    later.distiller.step.task_loss = nan_from_step_3
     with pytest.raises(TrainingDiverged, match="training loss became nan in epoch 1; lower optim.lr"):
-        Trainer(tiny_config(), setup, torch.device("cpu"), tmp_path).fit()
+        Trainer(tiny_config(), later, torch.device("cpu"), tmp_path / "later").fit()  # then each epoch's mean
 
 
 def test_lr_is_stepped_every_iteration(tmp_path: Path) -> None:
@@ -142,3 +152,16 @@ def test_resume_drops_records_written_after_the_last_checkpoint(tmp_path: Path) 
     assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(r["step"], r["val/top1"]) for r in lines[1:]]
     assert [r["step"] for r in lines] == [0, 4, 8]
     assert [e.step for e in events.Scalars("teacher_val/top1")] == [0]
+
+
+def test_an_extreme_first_gradient_is_warned_about_and_every_epoch_logs_the_gradient_norm(tmp_path: Path,
+                                                                                          capsys) -> None:
+    setup = tiny_setup()
+    setup.distiller.step.task_loss = lambda output, target: {"ce": 1e4 * F.cross_entropy(output, target)}
+    Trainer(tiny_config(), setup, torch.device("cpu"), tmp_path / "steep").fit()
+    warning = capsys.readouterr().err
+    assert "warning: the gradient norm at step 1 is" in warning and "set train.grad_clip" in warning
+    Trainer(tiny_config(), tiny_setup(), torch.device("cpu"), tmp_path / "plain").fit()
+    assert "warning" not in capsys.readouterr().err
+    (record,) = records(tmp_path / "plain")
+    assert 0 < record["train/grad_norm"] < 100

@@ -5,13 +5,12 @@ Expected files (as extracted from the official ``*-python.tar.gz`` archives)::
     <root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
     <root>/cifar-100-python/{train, test, meta}
 
-Reading goes through torchvision's ``CIFAR10``/``CIFAR100`` readers. With ``download=True`` the stock
-readers are used unchanged: they fetch and md5-verify the archive and verify every extracted file.
-With ``download=False`` the files are the user's own copy; the md5 check exists to catch a broken
-download, and here it would only reject valid re-pickled copies (and files generated for tests), so
-the readers run with their per-file checksums removed (:func:`_without_md5`) and we instead check
-that every file is present and that the contents fit the format: uint8 images (N, 3, 32, 32), one
-label per image, labels in 0..K-1. Broken files raise ``DataError``.
+The files are read with a restricted unpickler (:mod:`distkd.data.safe_pickle`) that rebuilds only what
+they contain (dicts, lists, strings, numbers, NumPy arrays): a crafted file cannot run code, it is refused
+in one line. With ``download=True`` torchvision fetches the official archive and checks its md5 first. The
+user's own copies (``download=False``) are checked for presence and format instead of per-file checksums
+(which would reject valid re-pickled copies and files generated for tests): uint8 images (N, 3, 32, 32),
+one label per image, labels in 0..K-1. Broken files raise ``DataError``.
 
 The standard training augmentation (random crop 32 with padding 4 + horizontal flip) is applied
 on the device, per batch, by the in-memory loader; this module only reads the data.
@@ -19,7 +18,6 @@ on the device, per batch, by the in-memory loader; this module only reads the da
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +26,7 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from distkd.data.base import InMemoryData, Split
+from distkd.data.safe_pickle import load_arrays_pickle
 from distkd.errors import DataError, UnknownNameError
 
 CifarName = Literal["cifar10", "cifar100"]
@@ -41,22 +40,8 @@ TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
-def _without_md5(reader: type[CIFAR10]) -> type[CIFAR10]:
-    """``reader`` with the expected md5 of each file set to None: torchvision then only checks existence."""
-    return type(
-        f"{reader.__name__}LocalFiles",
-        (reader,),
-        {
-            "train_list": [[name, None] for name, _ in reader.train_list],
-            "test_list": [[name, None] for name, _ in reader.test_list],
-            "meta": {**reader.meta, "md5": None},
-            "__doc__": f"torchvision's {reader.__name__} reader for local files, without per-file md5.",
-        },
-    )
-
-
 STOCK_READERS: dict[str, type[CIFAR10]] = {"cifar10": CIFAR10, "cifar100": CIFAR100}
-LOCAL_READERS: dict[str, type[CIFAR10]] = {name: _without_md5(r) for name, r in STOCK_READERS.items()}
+LABEL_KEYS = {"cifar10": "labels", "cifar100": "fine_labels"}
 
 
 def expected_files(name: CifarName, root: str | Path) -> list[Path]:
@@ -95,32 +80,43 @@ def stratified_holdout(labels: torch.Tensor, val_size: int, seed: int) -> tuple[
     return torch.nonzero(mask).flatten(), held_out
 
 
-def _read_split(
-    reader: type[CIFAR10], root: Path, *, train: bool, download: bool, title: str, num_classes: int
-) -> Split:
-    """One official split as a Split of uint8 (N, 3, 32, 32) images and int64 (N,) labels."""
-    folder = root / reader.base_folder
+def _download(name: CifarName, root: Path, title: str) -> None:
+    """Fetch and extract the official archive into ``root`` (md5-checked by torchvision)."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    reader = STOCK_READERS[name]
     try:
-        dataset = reader(str(root), train=train, download=download)
-    except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        fix = "set data.download=true to fetch a fresh copy" if not download else "delete it and retry"
-        raise DataError(f"could not read {title} from {folder}: {err}; the files look damaged, {fix}") from err
-    except OSError as err:  # network failure while downloading, or unreadable files
-        raise DataError(
-            f"could not get {title} into {folder}: {err}; download and extract the archive by hand"
-        ) from err
-    images = torch.from_numpy(np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2)))
-    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
-    if images.dtype != torch.uint8 or len(labels) != len(images):
-        raise DataError(
-            f"{title} in {folder} is malformed: {len(images)} images of dtype {images.dtype} "
-            f"and {len(labels)} labels; re-extract the official archive"
-        )
-    if len(labels) and not (labels.min() >= 0 and labels.max() < num_classes):
+        download_and_extract_archive(reader.url, str(root), filename=reader.filename, md5=reader.tgz_md5)
+    except (OSError, RuntimeError) as err:  # network failure, or an archive that fails its md5
+        raise DataError(f"could not get {title} into {root}: {err}; download and extract the archive by hand") \
+            from None
+
+
+def _read_split(name: CifarName, root: Path, *, train: bool, title: str) -> Split:
+    """One official split as a Split of uint8 (N, 3, 32, 32) images and int64 (N,) labels."""
+    reader, num_classes = STOCK_READERS[name], NUM_CLASSES[name]
+    folder = root / reader.base_folder
+    images, labels = [], []
+    for filename, _ in reader.train_list if train else reader.test_list:
+        entry = load_arrays_pickle(folder / filename, title)
+        try:
+            data, targets = np.asarray(entry["data"]), entry[LABEL_KEYS[name]]
+            images.append(torch.from_numpy(data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).copy()))
+            labels.append(torch.as_tensor(targets, dtype=torch.int64))
+        except (TypeError, KeyError, ValueError, IndexError, RuntimeError) as err:
+            raise DataError(f"{title} file {folder / filename} is malformed ({type(err).__name__}: {err}); "
+                            "re-extract the official archive") from None
+        if data.dtype != np.uint8 or len(labels[-1]) != len(images[-1]):
+            raise DataError(
+                f"{title} in {folder / filename} is malformed: {len(images[-1])} images of dtype {data.dtype} "
+                f"and {len(labels[-1])} labels; re-extract the official archive"
+            )
+    label = torch.cat(labels)
+    if len(label) and not (label.min() >= 0 and label.max() < num_classes):
         raise DataError(
             f"{title} in {folder} has labels outside 0..{num_classes - 1}; re-extract the official archive"
         )
-    return Split(images, labels)
+    return Split(torch.cat(images), label)
 
 
 def load_cifar(
@@ -144,18 +140,18 @@ def load_cifar(
         raise UnknownNameError(f"unknown CIFAR dataset '{name}'; known: {', '.join(sorted(STATS))}")
     title = TITLES[name]
     root_path = Path(root).expanduser()
-    if not download:
-        missing = [p.name for p in expected_files(name, root_path) if not p.is_file()]
-        if missing:
-            folder = root_path / STOCK_READERS[name].base_folder
-            raise DataError(
-                f"{title} not found: {folder}/ lacks {', '.join(missing)}; extract the official python "
-                f"archive so that {folder}/ exists, or set data.download=true"
-            )
-    reader = STOCK_READERS[name] if download else LOCAL_READERS[name]
+    missing = [p.name for p in expected_files(name, root_path) if not p.is_file()]
+    if missing and download:
+        _download(name, root_path, title)
+    elif missing:
+        folder = root_path / STOCK_READERS[name].base_folder
+        raise DataError(
+            f"{title} not found: {folder}/ lacks {', '.join(missing)}; extract the official python "
+            f"archive so that {folder}/ exists, or set data.download=true"
+        )
     num_classes = NUM_CLASSES[name]
-    train = _read_split(reader, root_path, train=True, download=download, title=title, num_classes=num_classes)
-    test = _read_split(reader, root_path, train=False, download=False, title=title, num_classes=num_classes)
+    train = _read_split(name, root_path, train=True, title=title)
+    test = _read_split(name, root_path, train=False, title=title)
     if val_size > 0:
         keep, held = stratified_holdout(train.labels, val_size, seed)
         val = Split(train.images[held], train.labels[held])

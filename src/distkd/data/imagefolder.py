@@ -28,9 +28,21 @@ from distkd.data.batch import Batch
 from distkd.data.cifar import stratified_holdout
 from distkd.data.loaders import derive_seed
 from distkd.data.presets import MixupSpec, Preset, Transform, get_preset
-from distkd.errors import ConfigError, DataError
+from distkd.errors import ConfigError, DataError, DistkdError, first_line
 
 LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
+
+
+def _one_line_errors(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+    """Iterate ``loader``; a distkd error raised in a worker process comes back with its own one-line message
+    (the DataLoader wraps it in a multi-line report of the worker's traceback)."""
+    try:
+        yield from loader
+    except DistkdError as err:
+        lines = str(err).strip().splitlines()
+        original = next((line.split(": ", 1)[1] for line in reversed(lines) if line.startswith("distkd.errors.")),
+                        lines[-1] if lines else type(err).__name__)
+        raise type(err)(original) from None
 
 
 class ImageSubset(Dataset[tuple[Tensor, int]]):
@@ -49,7 +61,12 @@ class ImageSubset(Dataset[tuple[Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.folder.samples[self.indices[i]]
-        return self.transform(self.folder.loader(path)), label
+        try:
+            image = self.folder.loader(path)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated or broken files
+            raise DataError(f"cannot read image {path}: {first_line(err)}; fix or remove it, or set "
+                            "data.skip_unreadable=true to leave unreadable files out (they are counted)") from None
+        return self.transform(image), label
 
     @property
     def targets(self) -> list[int]:
@@ -77,18 +94,41 @@ class FileData:
     preset: Preset
 
 
-def _scan(folder: Path) -> ImageFolder:
+def _scan(folder: Path, skip_unreadable: bool = False) -> ImageFolder:
     try:
-        return ImageFolder(str(folder))
+        scanned = ImageFolder(str(folder))
     except FileNotFoundError as err:
         message = " ".join(str(err).split())
         raise DataError(
             f"{folder}: {message}; every class needs a folder with at least one image ({LAYOUT})"
         ) from err
+    if skip_unreadable:
+        _drop_unreadable(scanned, folder)
+    return scanned
+
+
+def _drop_unreadable(folder: ImageFolder, where: Path) -> None:
+    """Leave out the files PIL cannot open, saying how many (never silently)."""
+    from PIL import Image
+
+    bad = []
+    for path, _ in folder.samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, ValueError, SyntaxError):
+            bad.append(path)
+    if bad:
+        skipped = set(bad)
+        folder.samples = folder.imgs = [s for s in folder.samples if s[0] not in skipped]
+        folder.targets = [label for _, label in folder.samples]
+        print(f"{where}: left out {len(bad)} unreadable image file(s) of {len(bad) + len(folder.samples)} "
+              f"(data.skip_unreadable=true), e.g. {bad[0]}", flush=True)
 
 
 def load_imagefolder(
-    root: str, *, preset: str = "b1", image_size: int = 224, val_size: int = 0, seed: int = 0
+    root: str, *, preset: str = "b1", image_size: int = 224, val_size: int = 0, seed: int = 0,
+    skip_unreadable: bool = False,
 ) -> FileData:
     """Scan ``<root>/train`` and ``<root>/val`` and pair them with the pipelines of ``preset``.
 
@@ -98,7 +138,9 @@ def load_imagefolder(
       form ``val`` with the eval pipeline; ``train`` is the rest; ``test`` is ``<root>/val``.
 
     Normalisation uses the ImageNet mean/std. Unknown preset -> UnknownNameError; missing ``train/``
-    or ``val/``, class folders without images, or different classes in the two -> DataError.
+    or ``val/``, class folders without images, or different classes in the two -> DataError. An unreadable
+    image is a DataError naming it when it is loaded; ``skip_unreadable`` checks every file first and leaves
+    the unreadable ones out, with a count.
     """
     spec = get_preset(preset)
     if image_size < 1:
@@ -107,7 +149,7 @@ def load_imagefolder(
     for part in ("train", "val"):
         if not (base / part).is_dir():
             raise DataError(f"{base / part} is not a folder; expected the ImageFolder layout {LAYOUT}")
-    train_folder, val_folder = _scan(base / "train"), _scan(base / "val")
+    train_folder, val_folder = _scan(base / "train", skip_unreadable), _scan(base / "val", skip_unreadable)
     if val_folder.classes != train_folder.classes:
         only_train = sorted(set(train_folder.classes) - set(val_folder.classes))
         only_val = sorted(set(val_folder.classes) - set(train_folder.classes))
@@ -222,7 +264,7 @@ class FileLoader:
         if len(self) == 0:
             raise DataError(
                 f"rank {rank} of {world_size} gets {self.num_samples} of {len(dataset)} samples, not one full "
-                f"batch of {batch_size} with drop_last=True; lower batch_size or set drop_last=False"
+                f"batch of {batch_size}; lower the batch size (data.batch_size in a config)"
             )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -262,7 +304,7 @@ class FileLoader:
             generator=generator,
         )
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for i, (x, y) in enumerate(loader):
+        for i, (x, y) in enumerate(_one_line_errors(loader)):
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
             index = torch.tensor(order[i * self.batch_size : i * self.batch_size + len(y)])
             yield Batch(x, y.to(self.device, non_blocking=True), index.to(self.device))

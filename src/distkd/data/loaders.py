@@ -103,7 +103,7 @@ class TensorLoader:
         if len(self) == 0:
             raise DataError(
                 f"rank {rank} of {world_size} gets {per_rank} of {total} samples, not one full batch of "
-                f"{batch_size} with drop_last=True; lower batch_size or set drop_last=False"
+                f"{batch_size}; lower the batch size (data.batch_size in a config)"
             )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:

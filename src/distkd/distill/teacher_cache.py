@@ -64,12 +64,14 @@ class TeacherCache:
         split and its augmentation and normalisation.
         """
         meta, data = directory / "meta.json", directory / "logits.f16"
-        if meta.is_file() and data.is_file():
-            stored = json.loads(meta.read_text())
-            if {k: v for k, v in stored.items() if k != "shape"} == record:
-                return cls._open(directory, stored)
         if meta.is_file():
-            log(f"teacher cache in {directory} was made from something else; rebuilding it")
+            stored, damage = _read_record(meta, data)
+            if damage:
+                log(f"teacher cache in {directory} is damaged ({damage}); rebuilding it")
+            elif {k: v for k, v in stored.items() if k != "shape"} == record:
+                return cls._open(directory, stored)
+            else:
+                log(f"teacher cache in {directory} was made from something else; rebuilding it")
         directory.mkdir(parents=True, exist_ok=True)
         meta.unlink(missing_ok=True)
         views, count = record["views"], len(loader.labels)
@@ -100,6 +102,21 @@ class TeacherCache:
         views, count, classes = record["shape"]
         logits = np.memmap(directory / "logits.f16", dtype=np.float16, mode="r", shape=(views * count, classes))
         return cls(directory, record, logits)
+
+
+def _read_record(meta: Path, data: Path) -> tuple[dict[str, Any], str]:
+    """The stored record and ``""``, or ``{}`` and what is wrong with the cache (unreadable record, missing or
+    truncated logits file)."""
+    try:
+        stored = json.loads(meta.read_text(encoding="utf-8"))
+        views, count, classes = (int(v) for v in stored["shape"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return {}, f"unreadable meta.json: {type(exc).__name__}"
+    expected = views * count * classes * 2  # float16
+    size = data.stat().st_size if data.is_file() else None
+    if size != expected:
+        return {}, f"logits.f16 holds {size} bytes, not {expected}" if size is not None else "logits.f16 is missing"
+    return stored, ""
 
 
 class CachedViewLoader:

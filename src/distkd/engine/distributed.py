@@ -16,15 +16,20 @@ _created: list[bool] = []  # non-empty while this module's init_from_env owns th
 
 
 def init_from_env(device_kind: str) -> torch.device:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU) and return this rank's device."""
-    cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU) and return this rank's device.
+
+    ``device_kind``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N is used by a single process; under torchrun
+    each process takes its ``LOCAL_RANK``).
+    """
+    cuda = device_kind.startswith("cuda") or (device_kind == "auto" and torch.cuda.is_available())
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
         _created.append(True)
     if cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = int(os.environ.get("LOCAL_RANK", "0")) if several else int(device_kind.partition(":")[2] or 0)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ from distkd.config import RunConfig, dump_config, to_dict
 from distkd.data.batch import Batch
 from distkd.distill import Distiller
 from distkd.engine import distributed
-from distkd.engine.checkpoint import load_state, save_atomic
+from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_atomic
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
 from distkd.engine.optim import build_optimizer, build_scheduler, param_groups
-from distkd.errors import CheckpointError, DistkdError
+from distkd.errors import CheckpointError, DistkdError, first_line
 
 
 class Loader(Protocol):
@@ -59,6 +60,9 @@ class TrainSetup:
     test: Loader | None
     evaluate: Evaluate
     metric: str
+
+
+EXTREME_GRAD_NORM = 100.0  # at the first step; cross-entropy and KD give about 1 on fresh students
 
 
 class TrainingDiverged(DistkdError):
@@ -100,6 +104,7 @@ class Trainer:
         self.sums: dict[str, Tensor] = {}  # the current epoch's running sums of the logged losses
         self.best: dict[str, Any] = {"epoch": -1, "step": -1, "value": -math.inf}
         self.evaluated_at = -1  # the step of the latest evaluation
+        self.first_step_checked = False
         self.progress = Progress(cfg.train.progress, self.epochs, enabled=self.is_main)
 
     def _param_groups(self) -> list[dict]:
@@ -116,6 +121,9 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train (from scratch, or from ``checkpoints/last.pt`` when ``resume``) and return the summary."""
+        if self.is_main:
+            for path in remove_stale_temp_files(self.run_dir / "checkpoints"):
+                self.progress.message(f"removed {path.name}, left by a process killed while writing a checkpoint")
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
         elif self.is_main:
@@ -163,8 +171,12 @@ class Trainer:
                 self.progress.step(f"{parts} lr {self.scheduler.get_last_lr()[0]:.3g} {rate:.0f} img/s")
             if not last_of_group:
                 continue
-            self._optimizer_step()
+            grad_norm = self._optimizer_step()
+            self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm * size  # a mean over batches
+            if not self.first_step_checked:
+                self._check_first_step(loss, grad_norm)
             if train_cfg.log_every and self.step % train_cfg.log_every == 0:
+                group["grad_norm"] = grad_norm
                 self._log_step(group)
             group = {}
             if train_cfg.eval_every and self.step % train_cfg.eval_every == 0:
@@ -176,13 +188,14 @@ class Trainer:
                 break
         return images, time.perf_counter() - start
 
-    def _optimizer_step(self) -> None:
-        """Average the terms' gradients over ranks (DDP did the student's), clip, step, schedule, EMA."""
+    def _optimizer_step(self) -> Tensor:
+        """Average the terms' gradients over ranks (DDP did the student's), clip, step, schedule, EMA; return the
+        gradient norm before clipping (a device tensor: no host sync)."""
         if self.term_params and distributed.world_size() > 1:
             distributed.average_gradients(self.term_params)
-        if self.cfg.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_([*self.student.parameters(), *self.term_params], self.cfg.train.grad_clip)
+        self.scaler.unscale_(self.optimizer)
+        params = [*self.student.parameters(), *self.term_params]
+        grad_norm = nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip or math.inf).detach().float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,6 +203,21 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.student)
         self.step += 1
+        return grad_norm
+
+    def _check_first_step(self, loss: Tensor, grad_norm: Tensor) -> None:
+        """After this process's first step: stop at once on a non-finite loss; warn about an extreme gradient."""
+        self.first_step_checked = True
+        _check_finite(loss.item(), f"at step {self.step}")
+        norm = grad_norm.item()
+        if norm > EXTREME_GRAD_NORM and self.is_main:
+            guards = [g for g, on in (("train.grad_clip", self.cfg.train.grad_clip),
+                                      ("schedule.warmup_epochs", self.cfg.schedule.warmup_epochs)) if on]
+            advice = (f"{' and '.join(guards)} {'are' if len(guards) > 1 else 'is'} set" if guards else
+                      "set train.grad_clip (e.g. 5) and/or schedule.warmup_epochs (e.g. 1)")
+            print(f"warning: the gradient norm at step {self.step} is {norm:.4g} (cross-entropy alone gives about 1): "
+                  f"a term's gradient is large (DIST's is while the student's predictions are near uniform); {advice}",
+                  file=sys.stderr, flush=True)
 
     def _log_step(self, group: dict[str, Tensor]) -> None:
         """A ``train_step/*`` record of this step's losses (means over its batches); stop at once on NaN/inf."""
@@ -311,7 +339,7 @@ class Trainer:
             self.distiller.load_term_state_dict(state.get("terms", {}))  # absent from checkpoints before 0.2
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: the distillation terms' state does not fit this config: "
-                                  f"{str(exc).splitlines()[0]}") from None
+                                  f"{first_line(exc)}") from None
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from distkd.errors import CheckpointError
+from distkd.errors import CheckpointError, first_line
 
 WRAPPER_KEYS: tuple[str, ...] = ("model", "state_dict", "model_state_dict", "student")
 _PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
@@ -26,16 +26,19 @@ _SHOWN = 3  # names listed per kind of problem in an error message
 
 
 def load_weights(
-    model: nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor], *, strict: bool = True
+    model: nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor], *, strict: bool = True,
+    origin: str = "",
 ) -> None:
     """Copy the weights in ``source`` (a checkpoint path or a state_dict) into ``model`` in place.
 
     ``strict=True``: every model key must be present with the same shape and no extra key may be left
     over, otherwise one ``CheckpointError`` lists the missing, unexpected and mis-shaped keys.
     ``strict=False``: load the keys whose names and shapes match and warn about the rest (e.g. a
-    backbone checkpoint whose classifier has another number of classes).
+    backbone checkpoint whose classifier has another number of classes). ``origin`` names the source in
+    messages (default: the path, or "the given state_dict").
     """
-    origin = "the given state_dict" if isinstance(source, Mapping) else f"checkpoint '{os.fspath(source)}'"
+    if not origin:
+        origin = "the given state_dict" if isinstance(source, Mapping) else f"checkpoint '{os.fspath(source)}'"
     raw = source if isinstance(source, Mapping) else _read(Path(source))
     state = _strip_prefixes(extract_state_dict(raw, origin))
     missing, unexpected, mismatched = _compare(model, state)
@@ -52,7 +55,7 @@ def load_weights(
     try:
         model.load_state_dict(fitting, strict=False)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         raise CheckpointError(f"{origin} could not be loaded into {_model_name(model)}: {first}") from err
 
 
@@ -100,7 +103,7 @@ def _read(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad files: pickle, zip, EOF, runtime
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise CheckpointError(
             f"cannot read checkpoint '{path}' ({type(err).__name__}: {first}); it must be a file written "
             "by torch.save holding tensors (a state_dict), re-save it with torch.save(model.state_dict(), path)"

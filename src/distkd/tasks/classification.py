@@ -21,7 +21,14 @@ from distkd.errors import ConfigError
 from distkd.models.adapters import input_stats
 from distkd.models.weights import weights_sha256
 from distkd.registry import Registry
-from distkd.tasks.common import build_model, build_teacher_and_terms, check_input, eval_shard
+from distkd.tasks.common import (
+    DATASET_OPTIONS,
+    build_model,
+    build_teacher_and_terms,
+    check_data_options,
+    check_input,
+    eval_shard,
+)
 
 DATASETS: Registry[object] = Registry("classification dataset")
 
@@ -48,12 +55,20 @@ def _imagefolder(cfg: DataConfig, seed: int):  # noqa: ANN202 - FileData
     from distkd.data.imagefolder import load_imagefolder
 
     return load_imagefolder(_root(cfg), preset=cfg.preset, image_size=cfg.image_size, val_size=cfg.val_size,
-                            seed=seed)
+                            seed=seed, skip_unreadable=cfg.skip_unreadable)
+
+
+IN_MEMORY = {"crop_padding", "flip"}
+USES = {"silhouettes": IN_MEMORY, "cifar10": IN_MEMORY | {"root", "download", "val_size"},
+        "cifar100": IN_MEMORY | {"root", "download", "val_size"},
+        "imagefolder": {"root", "val_size", "preset", "image_size", "num_workers", "skip_unreadable"}}
 
 
 def load_dataset(cfg: DataConfig, seed: int):  # noqa: ANN201 - InMemoryData or FileData
-    """The dataset ``cfg.name`` names, with its train/val/test splits."""
-    return DATASETS.get(cfg.name)(cfg, seed)
+    """The dataset ``cfg.name`` names, with its train/val/test splits; options it would ignore are an error."""
+    reader = DATASETS.get(cfg.name)
+    check_data_options(cfg, USES.get(cfg.name.lower(), DATASET_OPTIONS))
+    return reader(cfg, seed)
 
 
 def _root(cfg: DataConfig) -> str:

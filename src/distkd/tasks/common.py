@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from distkd.config import ModelConfig, RunConfig
+from distkd.config import DataConfig, ModelConfig, RunConfig
 from distkd.data.base import Split
 from distkd.distill import Term
+from distkd.distill.transforms import get_transform
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader
-from distkd.errors import ConfigError
+from distkd.errors import ConfigError, first_line
 from distkd.losses import build_loss
 from distkd.models import create_model
 from distkd.models.weights import load_weights
@@ -39,19 +42,39 @@ def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module
     A term is named after its loss (``dist``), plus the student output it reads when that is not the
     logits (``dist_aux``, ``kd_layer3``), plus its index when two terms would share a name.
     """
-    teacher = build_model(cfg.teacher, num_classes, "teacher") if cfg.teacher is not None else None
+    if cfg.teacher is not None and not cfg.loss.distill:
+        raise ConfigError("a teacher is configured but loss.distill has no terms, so it would be loaded and never "
+                          "used; add a term (e.g. loss.distill=[{loss: dist}]) or set teacher=null")
     if cfg.loss.ce_weight == 0 and not cfg.loss.distill:
         raise ConfigError("the loss is empty: loss.ce_weight is 0 and loss.distill has no terms; set one of them")
-    if cfg.loss.distill and teacher is None:
+    if cfg.loss.distill and cfg.teacher is None:
         raise ConfigError("loss.distill has terms but no teacher is configured; set teacher.name and "
                           "teacher.checkpoint, or remove loss.distill")
     names = [t.loss if t.student == "logits" else f"{t.loss}_{'+'.join(_keys(t.student))}" for t in cfg.loss.distill]
-    terms = [
-        Term(name if names.count(name) == 1 else f"{name}{i}", build_loss(t.loss, **t.kwargs), t.weight,
-             t.student, t.teacher, t.transform, t.lr, t.weight_decay)
-        for i, (name, t) in enumerate(zip(names, cfg.loss.distill, strict=True))
-    ]
+    terms = []  # built before the teacher: a mistake in a term is reported before any weights load
+    for i, (name, t) in enumerate(zip(names, cfg.loss.distill, strict=True)):
+        get_transform(t.transform)
+        terms.append(Term(name if names.count(name) == 1 else f"{name}{i}", build_loss(t.loss, **t.kwargs), t.weight,
+                          t.student, t.teacher, t.transform, t.lr, t.weight_decay))
+    teacher = build_model(cfg.teacher, num_classes, "teacher") if cfg.teacher is not None else None
     return teacher, terms
+
+
+# DataConfig options that only some datasets read; the others (name, batch sizes) every dataset uses
+DATASET_OPTIONS = ("root", "download", "val_size", "preset", "image_size", "num_workers", "skip_unreadable",
+                   "crop_padding", "flip", "kwargs")
+
+
+def check_data_options(cfg: DataConfig, uses: Iterable[str]) -> None:
+    """An option set away from its default that dataset ``cfg.name`` does not read is an error, not ignored; a
+    dataset read from files needs ``data.root``."""
+    defaults, used = DataConfig(), set(uses)
+    if "root" in used and cfg.root is None:
+        raise ConfigError(f"data.root is required for dataset '{cfg.name}' (e.g. data.root=~/data/{cfg.name})")
+    for option in DATASET_OPTIONS:
+        if option not in used and getattr(cfg, option) != getattr(defaults, option):
+            reads = ", ".join(f"data.{o}" for o in DATASET_OPTIONS if o in used) or "none of them"
+            raise ConfigError(f"data.{option} is not used by dataset '{cfg.name}' (it reads {reads}); remove it")
 
 
 def _keys(key: str | list[str]) -> list[str]:
@@ -68,7 +91,7 @@ def check_input(model: nn.Module, loader: Loader, role: str) -> None:
             model(x[:2].to(next(model.parameters()).device))
     except RuntimeError as exc:
         raise ConfigError(
-            f"{role} cannot take inputs of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}; "
+            f"{role} cannot take inputs of shape {tuple(x.shape[1:])}: {first_line(exc)}; "
             f"set {role}.kwargs (e.g. in_chans={x.shape[1]}) or pick another model"
         ) from None
     finally:

@@ -27,7 +27,14 @@ from distkd.engine.trainer import Loader, TrainSetup
 from distkd.errors import ConfigError
 from distkd.metrics.segmentation import ConfusionMatrix
 from distkd.registry import Registry
-from distkd.tasks.common import build_model, build_teacher_and_terms, check_input, eval_shard
+from distkd.tasks.common import (
+    DATASET_OPTIONS,
+    build_model,
+    build_teacher_and_terms,
+    check_data_options,
+    check_input,
+    eval_shard,
+)
 
 DATASETS: Registry[object] = Registry("segmentation dataset")
 
@@ -69,9 +76,16 @@ def _files(cfg: DataConfig, seed: int) -> FileSegData:
     return FileSegData(train, reader(cfg.root, "val", seg.EvalTransform(), seed=seed), None, train.num_classes)
 
 
+USES = {"scenes": {"kwargs", "crop_padding", "flip"}, "cityscapes": {"root", "kwargs", "num_workers"},
+        "voc": {"root", "kwargs", "num_workers"}}
+
+
 def load_dataset(cfg: DataConfig, seed: int) -> InMemoryData | FileSegData:
-    """The dataset ``cfg.name`` names; ``cfg.kwargs`` go to its reader (e.g. scene counts, crop size)."""
-    return DATASETS.get(cfg.name)(cfg, seed)
+    """The dataset ``cfg.name`` names; ``cfg.kwargs`` go to its reader (e.g. scene counts, crop size); options it
+    would ignore are an error."""
+    reader = DATASETS.get(cfg.name)
+    check_data_options(cfg, USES.get(cfg.name.lower(), DATASET_OPTIONS))
+    return reader(cfg, seed)
 
 
 def build_loaders(cfg: RunConfig, data: InMemoryData | FileSegData,
