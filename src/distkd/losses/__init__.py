@@ -10,6 +10,16 @@ and ``epoch`` (int); a loss ignores what it does not use.
 - ``DKD`` (``"dkd"``): decoupled target / non-target KD (Zhao et al., CVPR 2022); needs ``target``.
 - ``FitNet`` (``"fitnet"``): MSE between a learnable regressor of the student's feature map and the
   teacher's (Romero et al., ICLR 2015); the regressor is trainable state sized by the shape probe.
+- Feature and relation methods as RepDistiller computes them: ``AT`` (``"at"``), ``NST`` (``"nst"``),
+  ``SP`` (``"sp"``), ``CC`` (``"cc"``, with its learnable embeddings), ``RKD`` (``"rkd"``), ``PKT`` (``"pkt"``),
+  ``KDSVD`` (``"kdsvd"``, on a list of stage features).
+- Methods with learnable adapters or buffers (trainable state built by the shape probe): ``VID``
+  (``"vid"``), ``ActivationBoundary`` (``"ab"``), ``FactorTransfer`` (``"ft"``), ``FSP`` (``"fsp"``, on a list of
+  stage features), ``OFD`` (``"ofd"``), ``CRD`` (``"crd"``, a memory bank fed with ``index``), ``ReviewKD``
+  (``"reviewkd"``, on a list of stage features). AB, FSP and FT's multi-stage schedules are not run yet.
+- Newer logit methods as their authors' code computes them: logit standardisation applied to KD, DKD and
+  DIST (``"ls_kd"``, ``"ls_dkd"``, ``"ls_dist"``), ``MLKD`` (``"mlkd"``, one view), ``CTKD`` (``"ctkd"``, a
+  learnable temperature trained through gradient reversal), ``NKD`` (``"nkd"``), ``WTTM`` (``"wttm"``).
 
 A loss with trainable state builds it in ``probe(student, teacher, **context)``, which the Distiller calls
 once with real tensors before training; its parameters are then trained with the student.
@@ -37,9 +47,25 @@ def list_losses() -> list[str]:
 
 
 # Importing the loss modules registers them (they import LOSSES from here).
+from distkd.losses.attention import AT, NST  # noqa: E402
+from distkd.losses.boundary import ActivationBoundary  # noqa: E402
+from distkd.losses.crd import CRD  # noqa: E402
+from distkd.losses.ctkd import CTKD  # noqa: E402
 from distkd.losses.dist import DIST  # noqa: E402
 from distkd.losses.dkd import DKD  # noqa: E402
+from distkd.losses.factor import FactorTransfer  # noqa: E402
 from distkd.losses.fitnet import FitNet  # noqa: E402
+from distkd.losses.fsp import FSP  # noqa: E402
 from distkd.losses.kd import KD  # noqa: E402
+from distkd.losses.mlkd import MLKD  # noqa: E402
+from distkd.losses.nkd import NKD  # noqa: E402
+from distkd.losses.ofd import OFD  # noqa: E402
+from distkd.losses.relation import CC, KDSVD, PKT, RKD, SP  # noqa: E402
+from distkd.losses.reviewkd import ReviewKD  # noqa: E402
+from distkd.losses.standardize import LSDIST, LSDKD, LSKD  # noqa: E402
+from distkd.losses.vid import VID  # noqa: E402
+from distkd.losses.wttm import WTTM  # noqa: E402
 
-__all__ = ["DIST", "DKD", "KD", "LOSSES", "FitNet", "build_loss", "list_losses"]
+__all__ = ["AT", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "KD", "KDSVD", "LOSSES", "LSDIST", "LSDKD", "LSKD", "MLKD",
+           "NKD", "NST", "OFD", "PKT", "RKD", "SP", "VID", "WTTM", "ActivationBoundary", "FactorTransfer", "FitNet",
+           "ReviewKD", "build_loss", "list_losses"]
