@@ -225,3 +225,16 @@ def test_a_term_config_takes_one_path_or_a_list_of_paths() -> None:
     assert cfg.loss.distill[0].student == ["layer1", "layer2"] and cfg.loss.distill[0].teacher == "layer3"
     with pytest.raises(ConfigError, match=r"loss.distill.0.student: expected a list, got dict"):
         load_config(None, ["loss.distill=[{loss: kd, student: {a: 1}}]"])
+
+
+def test_a_models_ready_tap_names_resolve_to_module_paths(pair: Models, batch: Batch) -> None:
+    student, teacher = pair[0], create_model("small_cnn3_w2", num_classes=10)
+    student.distill_taps = {"stage2": "features.7"}
+    teacher.distill_taps = {"stage2": "features.7"}
+    kd = build_loss("kd")
+    step = Distiller(student, teacher, [Term("kd", kd, 1.0, "stage2", "stage2", "pool")])(DataBatch(*batch))
+    with torch.no_grad():
+        expected = kd(student.features[:8](batch[0]).mean((2, 3)), teacher.features[:8](batch[0]).mean((2, 3)))
+    torch.testing.assert_close(step.losses["kd"], expected)
+    with pytest.raises(ConfigError, match="no module 'stage3' .did you mean 'stage2'.*ready names stage2"):
+        Distiller(student, teacher, [Term("kd", kd, 1.0, "stage3", "stage2")])

@@ -12,26 +12,37 @@ from distkd.errors import ConfigError
 from distkd.registry import nearest
 
 
+def tap_names(model: nn.Module) -> dict[str, str]:
+    """The ready names a model offers for its features (e.g. ``stage3`` -> ``layer3``), from its ``distill_taps``
+    mapping of name -> module path (empty for models without one)."""
+    names = getattr(model, "distill_taps", None)
+    return dict(names) if isinstance(names, dict) else {}
+
+
 class FeatureTaps:
     """Records the output of each named submodule of ``model`` on every call while :meth:`recording`.
 
-    ``taps.outputs[path]`` lists the outputs of ``model.get_submodule(path)`` in call order: one entry for
-    a module called once per forward, one per call for a shared one (e.g. a detection head run on every
-    FPN level). Outside :meth:`recording` nothing is kept, so evaluation passes hold no extra memory.
+    ``paths`` are module paths or the model's ready names (:func:`tap_names`). ``taps.outputs[path]`` lists
+    the outputs of that module in call order: one entry for a module called once per forward, one per call for
+    a shared one (e.g. a detection head run on every FPN level). Outside :meth:`recording` nothing is kept, so
+    evaluation passes hold no extra memory.
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], role: str) -> None:
         self.outputs: dict[str, list[Any]] = {}
         self._active = False
+        aliases = tap_names(model)
         names = [name for name, _ in model.named_modules() if name]
         for path in paths:
-            if path not in names:
+            module_path = aliases.get(path, path)
+            if module_path not in names:
+                ready = f"its ready names {', '.join(aliases)}, or " if aliases else ""
                 raise ConfigError(
-                    f"{role} has no module '{path}'{nearest(path, names)} to tap; "
-                    f"use 'logits' or a module path such as {', '.join(names[:4])}"
+                    f"{role} has no module '{path}'{nearest(path, [*aliases, *names])} to tap; "
+                    f"use 'logits', {ready}a module path such as {', '.join(names[:4])}"
                 )
             self.outputs[path] = []
-            model.get_submodule(path).register_forward_hook(self._recorder(path))
+            model.get_submodule(module_path).register_forward_hook(self._recorder(path))
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, list[Any]]]:
