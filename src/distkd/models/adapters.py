@@ -6,6 +6,10 @@ strictly by :func:`distkd.models.create_model`). When ``num_classes`` differs fr
 head: timm loads every weight except the classifier, which it re-initialises; for torchvision we load
 the full pretrained model and then replace its final ``nn.Linear`` by a freshly initialised one with
 ``num_classes`` outputs (a model whose head is not a Linear, e.g. SqueezeNet, is refused).
+
+ResNet-family models (timm's and torchvision's ``ResNet`` classes: resnet*, resnext*, wide_resnet*, ...) offer
+ready tap names (``distill_taps``): ``stage1..4`` (``layer1..4``) and ``penultimate`` (the global pool: timm's
+``global_pool`` gives ``(N, C)``, torchvision's ``avgpool`` ``(N, C, 1, 1)``).
 """
 
 from __future__ import annotations
@@ -35,13 +39,16 @@ def create_timm(name: str, num_classes: int, *, pretrained: bool = False, **kwar
             f"unknown timm model '{name}'{nearest(name, timm.list_models())}; timm.list_models() lists them"
         )
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as err:
         raise ConfigError(f"timm model '{name}' does not accept these arguments: {err}") from err
     except Exception as err:  # hub errors differ by version (OSError, httpx/requests errors, RuntimeError)
         if pretrained:
             raise _offline_error(f"{TIMM_PREFIX}{name}", err) from err
         raise
+    if isinstance(model, timm.models.resnet.ResNet):
+        _offer_resnet_taps(model, "global_pool")
+    return model
 
 
 def create_torchvision(name: str, num_classes: int, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -58,9 +65,12 @@ def create_torchvision(name: str, num_classes: int, *, pretrained: bool = False,
         )
     if not pretrained:
         try:
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         except TypeError as err:
             raise ConfigError(f"torchvision model '{name}' does not accept these arguments: {err}") from err
+        if isinstance(model, torchvision.models.ResNet):
+            _offer_resnet_taps(model, "avgpool")
+        return model
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
         model = torchvision.models.get_model(name, weights=weights, **kwargs)
@@ -71,7 +81,14 @@ def create_torchvision(name: str, num_classes: int, *, pretrained: bool = False,
     pretrained_classes = len(weights.meta["categories"])
     if num_classes != pretrained_classes:
         _replace_head(model, name, pretrained_classes, num_classes)
+    if isinstance(model, torchvision.models.ResNet):
+        _offer_resnet_taps(model, "avgpool")
     return model
+
+
+def _offer_resnet_taps(model: nn.Module, pool: str) -> None:
+    """Give a timm/torchvision ``ResNet`` its ready tap names: ``layer1..4`` and its global pool ``pool``."""
+    model.distill_taps = {f"stage{k}": f"layer{k}" for k in (1, 2, 3, 4)} | {"penultimate": pool}
 
 
 def input_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

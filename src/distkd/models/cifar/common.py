@@ -1,8 +1,7 @@
-"""Pieces shared by the CIFAR zoo: channel shuffle, global pooling, and the reference initialisation."""
+"""Pieces shared by the CIFAR zoo: channel shuffle, the ready tap names, and the reference initialisation."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
@@ -18,9 +17,15 @@ class ChannelShuffle(nn.Module):
         return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
-def flatten_pool(x: Tensor) -> Tensor:
-    """Global average pool ``(N, C, H, W) -> (N, C)``."""
-    return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+def ready_taps(stem: str, stages: list[str], preacts: list[str], penultimate: str) -> dict[str, str]:
+    """The ``distill_taps`` of a zoo model, RepDistiller's ``forward(x, is_feat=True, preact=...)`` features:
+    ``stem`` is ``feats[0]``, ``stage{k}`` is ``feats[k]`` (``stage{k}_preact`` its ``preact=True`` version) and
+    ``penultimate`` the pooled, flattened ``feats[-1]`` that the classifier takes. Values are module paths."""
+    taps = {"stem": stem}
+    taps.update({f"stage{k}": path for k, path in enumerate(stages, 1)})
+    taps["penultimate"] = penultimate
+    taps.update({f"stage{k}_preact": path for k, path in enumerate(preacts, 1)})
+    return taps
 
 
 def init_reference(model: nn.Module, linear_std: float | None = None) -> None:

@@ -4,15 +4,19 @@ Names and state_dict keys follow RepDistiller's ``models/mobilenetv2.py``: ``con
 ``blocks`` (a ModuleList of 7 stages; each inverted residual holds its layers in ``conv``), ``conv2``
 (1x1 conv-BN-ReLU to 1280) and ``classifier`` (a Sequential holding one Linear). Input
 ``(N, 3, 32, 32)``; the stem has stride 2, so ``blocks.6`` gives ``(N, 160, 2, 2)``.
+
+Ready tap names (``distill_taps``, RepDistiller's ``feats``): ``stem`` (``conv1``, after its ReLU),
+``stage1..4`` (``blocks.1``, ``blocks.2``, ``blocks.4``, ``blocks.6``: 16x16, 8x8, 4x4, 2x2 maps; the blocks
+end with a linear projection, so no ReLU follows them), ``stage{k}_preact`` (the same modules: RepDistiller's
+``preact=True`` returns the same features for this network) and ``penultimate`` (``flatten``, ``(N, 1280)``).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import init_reference
+from distkd.models.cifar.common import init_reference, ready_taps
 
 # (expansion or None for the model's T, output channels, repeats, first stride)
 _SETTING: tuple[tuple[int | None, int, int, int], ...] = (
@@ -75,15 +79,18 @@ class MobileNetV2(nn.Module):
         last = int(1280 * width) if width > 1.0 else 1280
         self.conv2 = _conv_bn_relu(cin, last, 1, 1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         init_reference(self, linear_std=0.01)
+        stages = [f"blocks.{i}" for i in (1, 2, 4, 6)]
+        self.distill_taps = ready_taps("conv1", stages, stages, "flatten")
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)
         for stage in self.blocks:
             x = stage(x)
         x = self.conv2(x)
-        return self.classifier(torch.flatten(self.avgpool(x), 1))
+        return self.classifier(self.flatten(self.avgpool(x)))
 
 
 @MODELS.register("cifar_mobilenetv2")

@@ -4,17 +4,20 @@ Module names and state_dict keys follow RepDistiller's ``models/resnet.py`` (``c
 ``layer1..3``, ``fc``; blocks ``conv1, bn1, conv2, bn2, downsample``), so the CRD/DKD/DIST teacher
 checkpoints load strictly. Input ``(N, 3, 32, 32)``; ``layer1``/``layer2``/``layer3`` give
 ``(N, w1, 32, 32)``, ``(N, w2, 16, 16)``, ``(N, w3, 8, 8)`` after ReLU.
+
+Ready tap names (``distill_taps``, RepDistiller's ``feats``): ``stem`` (``relu``, the stem after its ReLU),
+``stage1..3`` (``layer1..3``), ``stage{k}_preact`` (the last block's sum before its ReLU, an ``nn.Identity``
+named ``preact``) and ``penultimate`` (``flatten``, the pooled ``(N, w3)`` feature the ``fc`` takes).
 """
 
 from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import init_reference
+from distkd.models.cifar.common import init_reference, ready_taps
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -36,12 +39,13 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(
                 nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
             )
+        self.preact = nn.Identity()  # the sum before the last ReLU, for a forward hook (no state)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return nn.functional.relu(out + shortcut)
+        return nn.functional.relu(self.preact(out + shortcut))
 
 
 class CifarResNet(nn.Module):
@@ -62,8 +66,15 @@ class CifarResNet(nn.Module):
         self.layer2 = self._stage(widths[1], widths[2], blocks, stride=2)
         self.layer3 = self._stage(widths[2], widths[3], blocks, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(widths[3], num_classes)
         init_reference(self)
+        self.distill_taps = ready_taps(
+            "relu",
+            ["layer1", "layer2", "layer3"],
+            [f"layer{k}.{blocks - 1}.preact" for k in (1, 2, 3)],
+            "flatten",
+        )
 
     @staticmethod
     def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
@@ -74,7 +85,7 @@ class CifarResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(self.flatten(self.avgpool(x)))
 
 
 _THIN = (16, 16, 32, 64)

@@ -3,15 +3,18 @@
 Names and state_dict keys follow RepDistiller's ``models/resnetv2.py`` (``conv1``, ``bn1``,
 ``layer1..4``, ``linear``; blocks ``conv1..3, bn1..3, shortcut``). Input ``(N, 3, 32, 32)``;
 ``layer4`` gives ``(N, 2048, 4, 4)``.
+
+Ready tap names (``distill_taps``, RepDistiller's ``feats``): ``stem`` (``relu``, the stem after its ReLU),
+``stage1..4`` (``layer1..4``), ``stage{k}_preact`` (the last bottleneck's sum before its ReLU, an
+``nn.Identity`` named ``preact``) and ``penultimate`` (``flatten``, the pooled ``(N, 2048)`` feature).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import init_reference
+from distkd.models.cifar.common import init_reference, ready_taps
 
 
 class Bottleneck(nn.Module):
@@ -33,13 +36,14 @@ class Bottleneck(nn.Module):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
             )
+        self.preact = nn.Identity()  # the sum before the last ReLU, for a forward hook (no state)
 
     def forward(self, x: Tensor) -> Tensor:
         relu = nn.functional.relu
         out = relu(self.bn1(self.conv1(x)))
         out = relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return relu(out + self.shortcut(x))
+        return relu(self.preact(out + self.shortcut(x)))
 
 
 class CifarResNetV2(nn.Module):
@@ -52,6 +56,7 @@ class CifarResNetV2(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
         cin = 64
         stages = []
         for i, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
@@ -63,13 +68,20 @@ class CifarResNetV2(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
         self.linear = nn.Linear(cin, num_classes)
         init_reference(self)
+        self.distill_taps = ready_taps(
+            "relu",
+            [f"layer{k}" for k in (1, 2, 3, 4)],
+            [f"layer{k}.{count - 1}.preact" for k, count in enumerate(blocks, 1)],
+            "flatten",
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.linear(torch.flatten(self.avgpool(x), 1))
+        return self.linear(self.flatten(self.avgpool(x)))
 
 
 @MODELS.register("cifar_resnet50")

@@ -3,6 +3,10 @@
 Names and state_dict keys follow RepDistiller's ``models/ShuffleNetv1.py``: ``conv1``, ``bn1``,
 ``layer1..3`` of bottlenecks (``conv1, bn1, shuffle1, conv2, bn2, conv3, bn3, shortcut``) and
 ``linear``. Input ``(N, 3, 32, 32)``; ``layer3`` gives ``(N, 960, 4, 4)``.
+
+Ready tap names (``distill_taps``, RepDistiller's ``feats``): ``stem`` (``relu``, the stem after its ReLU),
+``stage1..3`` (``layer1..3``), ``stage{k}_preact`` (the last bottleneck's sum or concatenation before its ReLU,
+an ``nn.Identity`` named ``preact``) and ``penultimate`` (``flatten``, the pooled ``(N, 960)`` feature).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import ChannelShuffle, flatten_pool
+from distkd.models.cifar.common import ChannelShuffle, ready_taps
 
 
 class ShuffleBottleneck(nn.Module):
@@ -36,6 +40,7 @@ class ShuffleBottleneck(nn.Module):
         self.shortcut = nn.Sequential()
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
+        self.preact = nn.Identity()  # the sum/concatenation before the last ReLU, for a forward hook (no state)
 
     def forward(self, x: Tensor) -> Tensor:
         relu = nn.functional.relu
@@ -43,7 +48,7 @@ class ShuffleBottleneck(nn.Module):
         out = relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        return relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
+        return relu(self.preact(torch.cat([out, res], 1) if self.stride == 2 else out + res))
 
 
 class ShuffleNetV1(nn.Module):
@@ -59,6 +64,7 @@ class ShuffleNetV1(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
+        self.relu = nn.ReLU()
         cin = 24
         stages = []
         for width, count in zip(widths, blocks, strict=True):
@@ -67,12 +73,20 @@ class ShuffleNetV1(nn.Module):
             stages.append(nn.Sequential(*layers))
             cin = width
         self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
         self.linear = nn.Linear(widths[-1], num_classes)
+        self.distill_taps = ready_taps(
+            "relu",
+            ["layer1", "layer2", "layer3"],
+            [f"layer{k}.{count - 1}.preact" for k, count in enumerate(blocks, 1)],
+            "flatten",
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(flatten_pool(x))
+        return self.linear(self.flatten(self.avgpool(x)))
 
 
 @MODELS.register("cifar_shufflev1")

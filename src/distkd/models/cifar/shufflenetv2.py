@@ -3,6 +3,12 @@
 Names and state_dict keys follow RepDistiller's ``models/ShuffleNetv2.py``: ``conv1``, ``bn1``,
 ``layer1..3`` (a down-sampling block ``conv1..5, bn1..5`` then basic blocks ``conv1..3, bn1..3``),
 ``conv2``, ``bn2`` and ``linear``. Input ``(N, 3, 32, 32)``; ``layer3`` gives ``(N, 464, 4, 4)``.
+
+Ready tap names (``distill_taps``, RepDistiller's ``feats``): ``stem`` (``relu``, the stem after its ReLU),
+``stage1..3`` (``layer1..3``, before ``conv2``), ``stage{k}_preact`` (the last block's concatenation of the
+kept half and the transformed half before its ReLU, not yet channel-shuffled, as RepDistiller returns it: an
+``nn.Identity`` named ``preact``) and ``penultimate`` (``flatten``, the pooled ``(N, 1024)`` feature after
+``conv2``-``bn2``-ReLU).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import ChannelShuffle, flatten_pool
+from distkd.models.cifar.common import ChannelShuffle, ready_taps
 
 
 class ShuffleV2Block(nn.Module):
@@ -27,13 +33,16 @@ class ShuffleV2Block(nn.Module):
         self.conv3 = nn.Conv2d(half, half, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
         self.shuffle = ChannelShuffle(2)
+        # RepDistiller's pre-activation feature, cat(kept half, bn3 output), for a forward hook (no state).
+        self.preact = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         relu = nn.functional.relu
         keep, move = x.chunk(2, dim=1)
         out = relu(self.bn1(self.conv1(move)))
-        out = relu(self.bn3(self.conv3(self.bn2(self.conv2(out)))))
-        return self.shuffle(torch.cat([keep, out], 1))
+        out = self.bn3(self.conv3(self.bn2(self.conv2(out))))
+        self.preact(torch.cat([keep, out], 1))
+        return self.shuffle(torch.cat([keep, relu(out)], 1))
 
 
 class DownBlock(nn.Module):
@@ -74,6 +83,7 @@ class ShuffleNetV2(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
+        self.relu = nn.ReLU()
         cin = 24
         stages = []
         for width, count in zip(widths[:3], blocks, strict=True):
@@ -82,14 +92,22 @@ class ShuffleNetV2(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.conv2 = nn.Conv2d(widths[2], widths[3], kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(widths[3])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
         self.linear = nn.Linear(widths[3], num_classes)
+        self.distill_taps = ready_taps(
+            "relu",
+            ["layer1", "layer2", "layer3"],
+            [f"layer{k}.{count}.preact" for k, count in enumerate(blocks, 1)],
+            "flatten",
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         relu = nn.functional.relu
-        x = relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = relu(self.bn2(self.conv2(x)))
-        return self.linear(flatten_pool(x))
+        return self.linear(self.flatten(self.avgpool(x)))
 
 
 @MODELS.register("cifar_shufflev2")

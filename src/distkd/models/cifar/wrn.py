@@ -4,17 +4,22 @@ Names and state_dict keys follow RepDistiller's ``models/wrn.py``: ``conv1``, ``
 ``layer`` Sequential of pre-activation blocks with ``bn1, conv1, bn2, conv2`` and ``convShortcut``
 where the width changes), final ``bn1`` and ``fc``. Input ``(N, 3, 32, 32)``; ``block3`` gives
 ``(N, 64k, 8, 8)`` before the final BN-ReLU.
+
+Ready tap names (``distill_taps``, RepDistiller's ``feats``): ``stem`` (``conv1``, no BN-ReLU yet),
+``stage1..3`` (``block1..3``, pre-activation blocks: their outputs are sums, before any BN), ``stage{k}_preact``
+(the BN the next block, or the final ``bn1``, applies to ``stage{k}``: ``block2.layer.0.bn1``,
+``block3.layer.0.bn1``, ``bn1``) and ``penultimate`` (``flatten``, the pooled ``(N, 64k)`` feature). The ReLUs
+after those BNs are not in-place, so a hook on the BN keeps its pre-activation output.
 """
 
 from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import init_reference
+from distkd.models.cifar.common import init_reference, ready_taps
 
 
 class WideBlock(nn.Module):
@@ -26,7 +31,7 @@ class WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1 = nn.ReLU()  # not in-place: bn1's output is a tap (stage{k}_preact of the previous stage)
         self.conv1 = nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu2 = nn.ReLU(inplace=True)
@@ -74,15 +79,19 @@ class WideResNet(nn.Module):
         self.block2 = NetworkBlock(count, widths[1], widths[2], 2, drop_rate)
         self.block3 = NetworkBlock(count, widths[2], widths[3], 2, drop_rate)
         self.bn1 = nn.BatchNorm2d(widths[3])
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()  # not in-place: bn1's output is the stage3_preact tap
+        self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(widths[3], num_classes)
         init_reference(self)
         nn.init.zeros_(self.fc.bias)
+        self.distill_taps = ready_taps(
+            "conv1", ["block1", "block2", "block3"], ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"], "flatten"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
         x = self.relu(self.bn1(x))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(self.flatten(nn.functional.adaptive_avg_pool2d(x, 1)))
 
 
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
