@@ -21,8 +21,8 @@ from test_cifar import write_cifar100  # noqa: E402
 FEATURES = ["layer1", "layer2", "layer3"]
 # What each method compares on the CIFAR ResNets (student cifar_resnet8, teacher cifar_resnet14): its usual tap.
 TERMS: dict[str, dict] = {
-    "kd": {}, "dist": {}, "dkd": {}, "ls_kd": {}, "ls_dkd": {}, "ls_dist": {}, "mlkd": {}, "ctkd": {}, "nkd": {},
-    "wttm": {},
+    "kd": {}, "deit": {}, "dist": {}, "dkd": {}, "ls_kd": {}, "ls_dkd": {}, "ls_dist": {}, "mlkd": {}, "ctkd": {},
+    "nkd": {}, "wttm": {},
     "fitnet": {"student": "layer2", "teacher": "layer2"},
     "at": {"student": "layer3", "teacher": "layer3"},
     "nst": {"student": "layer3", "teacher": "layer3"},

@@ -13,6 +13,8 @@ and ``epoch`` (int); a loss ignores what it does not use.
 - Feature and relation methods as RepDistiller computes them: ``AT`` (``"at"``), ``NST`` (``"nst"``),
   ``SP`` (``"sp"``), ``CC`` (``"cc"``, with its learnable embeddings), ``RKD`` (``"rkd"``), ``PKT`` (``"pkt"``),
   ``KDSVD`` (``"kdsvd"``, on a list of stage features).
+- ``DeiT`` (``"deit"``): DeiT's hard (or soft) distillation of a vision transformer's distillation-token head
+  (tap ``head_dist``) from the teacher's logits (Touvron et al., ICML 2021).
 - Methods with learnable adapters or buffers (trainable state built by the shape probe): ``VID``
   (``"vid"``), ``ActivationBoundary`` (``"ab"``), ``FactorTransfer`` (``"ft"``), ``FSP`` (``"fsp"``, on a list of
   stage features), ``OFD`` (``"ofd"``), ``CRD`` (``"crd"``, a memory bank fed with ``index``), ``ReviewKD``
@@ -51,6 +53,7 @@ from distkd.losses.attention import AT, NST  # noqa: E402
 from distkd.losses.boundary import ActivationBoundary  # noqa: E402
 from distkd.losses.crd import CRD  # noqa: E402
 from distkd.losses.ctkd import CTKD  # noqa: E402
+from distkd.losses.deit import DeiT  # noqa: E402
 from distkd.losses.dist import DIST  # noqa: E402
 from distkd.losses.dkd import DKD  # noqa: E402
 from distkd.losses.factor import FactorTransfer  # noqa: E402
@@ -67,5 +70,5 @@ from distkd.losses.vid import VID  # noqa: E402
 from distkd.losses.wttm import WTTM  # noqa: E402
 
 __all__ = ["AT", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "KD", "KDSVD", "LOSSES", "LSDIST", "LSDKD", "LSKD", "MLKD",
-           "NKD", "NST", "OFD", "PKT", "RKD", "SP", "VID", "WTTM", "ActivationBoundary", "FactorTransfer", "FitNet",
-           "ReviewKD", "build_loss", "list_losses"]
+           "NKD", "NST", "OFD", "PKT", "RKD", "SP", "VID", "WTTM", "ActivationBoundary", "DeiT", "FactorTransfer",
+           "FitNet", "ReviewKD", "build_loss", "list_losses"]

@@ -48,7 +48,17 @@ def create_timm(name: str, num_classes: int, *, pretrained: bool = False, **kwar
         raise
     if isinstance(model, timm.models.resnet.ResNet):
         _offer_resnet_taps(model, "global_pool")
+    if isinstance(model, timm.models.deit.VisionTransformerDistilled):
+        model.set_distilled_training(True)
+        model.register_forward_hook(_class_head_in_training)
     return model
+
+
+def _class_head_in_training(module: nn.Module, args: tuple, output: Any) -> Any:
+    """A distilled timm ViT (DeiT) in training returns (class head, distillation head): keep the class head's logits
+    for the task's loss (a ``deit`` term reads the distillation head by tapping ``head_dist``). In eval its output
+    is the average of the two heads, DeiT's combined prediction, and passes unchanged."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def create_torchvision(name: str, num_classes: int, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
