@@ -98,6 +98,16 @@ STRENGTH_STUDENT = "small_cnn3_w4"
 STRENGTH_TEACHERS: tuple[str, ...] = ("small_cnn6_w4", "small_cnn6_w8", "small_cnn6_w16", "small_cnn6_w32",
                                       "small_cnn6_w64")
 STRENGTH_METHODS: tuple[str, ...] = ("kd", "dist")
+# The comparison of distillation methods on CIFAR_PAIRS: RepDistiller's (Tian et al., ICLR 2020, Tables 1-2) and
+# later ones, each with its authors' settings. A row is ``METHOD-TEACHER-STUDENT``.
+METHODS_TABLE = "cifar100-methods"
+METHODS: tuple[str, ...] = ("kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd",
+                            "crd_kd", "reviewkd", "dkd", "ls_kd", "mlkd", "ctkd", "nkd", "wttm", "dist")
+# FSP matches stage features channel by channel: RepDistiller runs it only on pairs of equal widths.
+FSP_PAIRS: tuple[tuple[str, str], ...] = (("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"),
+                                          ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"))
+# Methods whose configs come with the DIST tables (cifar100/<method>_*.yaml); the rest are in cifar100/baselines/.
+SHARED_CONFIGS: tuple[str, ...] = ("kd", "dkd", "dist")
 
 
 def _cifar_table(method: str, name: str, title: str) -> Table:
@@ -114,6 +124,20 @@ def _cifar_baselines() -> Table:
     rows = [Row(t, Run(f"cifar100/teacher_{t}.yaml")) for t in teachers]
     rows += [Row(s, Run(f"cifar100/student_{s}.yaml")) for s in dict.fromkeys(s for _, s in CIFAR_PAIRS)]
     return Table("cifar100-baselines", "CIFAR-100, teachers and students trained alone (CE only)", tuple(rows))
+
+
+def _methods_table() -> Table:
+    rows = []
+    for method in METHODS:
+        folder = "cifar100" if method in SHARED_CONFIGS else "cifar100/baselines"
+        for t, s in CIFAR_PAIRS:
+            if method != "fsp" or (t, s) in FSP_PAIRS:
+                rows.append(Row(f"{method}-{t}-{s}", Run(f"{folder}/{method}_{t}-{s}.yaml"),
+                                Teacher(f"cifar100-{t}", Run(f"cifar100/teacher_{t}.yaml"))))
+    title = "CIFAR-100, distillation methods compared on RepDistiller's pairs (authors' settings)"
+    return Table(METHODS_TABLE, title, tuple(rows), "teachers trained here by cifar100/teacher_*.yaml unless "
+                 "--teacher-ckpt is given; AB, FSP and FT: pre-training stage not run: distkd has no multi-stage "
+                 "schedule yet (see the row notes)")
 
 
 def _imagenet_table(strategy: str) -> Table:
@@ -138,6 +162,7 @@ TABLES: MappingProxyType[str, Table] = MappingProxyType({t.name: t for t in (
     _cifar_table("kd", "cifar100-kd", "CIFAR-100, KD (0.1 CE + 0.9 KD, tau 4)"),
     _cifar_table("dkd", "cifar100-dkd", "CIFAR-100, DKD (mdistiller settings)"),
     _cifar_baselines(),
+    _methods_table(),
     _imagenet_table("b1"), _imagenet_table("b2"), _imagenet_table("b3"),
     _strength_table(),
 )})
