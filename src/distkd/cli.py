@@ -59,6 +59,15 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(Path(out), seeds=args.seeds, quick=args.quick, task=args.task)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from distkd.compare import DEFAULT_METHODS, resolve_methods, run_compare
+
+    methods = resolve_methods(args.methods or ",".join(DEFAULT_METHODS), args.task)
+    out = Path(args.out or f"runs/compare_{args.task}")
+    seeds = 1 if args.quick and args.seeds is None else (args.seeds or 3)
+    run_compare(out, methods, seeds=seeds, task=args.task, quick=args.quick, overrides=tuple(args.set))
+
+
 def _models(args: argparse.Namespace) -> None:
     from distkd.models import list_models
 
@@ -119,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("compare", help="distillation methods side by side on the embedded data (teacher trained once)")
+    p.add_argument("--methods", help="comma-separated method names, or a YAML file of {name: {ce_weight, distill}} "
+                   "(default: kd,dkd,fitnet,at,rkd,crd,reviewkd,dist); the student alone is always included")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification")
+    p.add_argument("--seeds", type=int, default=None, help="student seeds per method (default 3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="shorter runs (as demo --quick)")
+    p.add_argument("--out", help="output folder (default runs/compare_<task>)")
+    p.add_argument("--set", nargs="+", default=[], metavar="key=value", help="overrides for every run")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("models", help="list the model names")
     p.set_defaults(func=_models)

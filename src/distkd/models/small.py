@@ -20,18 +20,22 @@ class SmallCNN(nn.Module):
     """Plain conv-BN-ReLU stages with a 2x2 max-pool after each stage, global average pool, linear.
 
     ``stages`` lists the conv widths of each stage, e.g. ``((4,), (8,), (16,))``.
-    Input (N, in_chans, H, W) -> logits (N, num_classes).
+    Input (N, in_chans, H, W) -> logits (N, num_classes). Ready tap names (``distill_taps``): ``stage{k}`` the
+    k-th stage's pooled output, ``penultimate`` the globally pooled feature (N, C, 1, 1).
     """
 
     def __init__(self, stages: tuple[tuple[int, ...], ...], num_classes: int, in_chans: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_chans
-        for widths in stages:
+        self.distill_taps: dict[str, str] = {}
+        for k, widths in enumerate(stages, 1):
             for cout in widths:
                 layers += _conv_bn_relu(cin, cout)
                 cin = cout
             layers.append(nn.MaxPool2d(2))
+            self.distill_taps[f"stage{k}"] = f"features.{len(layers) - 1}"
+        self.distill_taps["penultimate"] = "pool"
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
@@ -64,8 +68,12 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """CIFAR-style ResNet: stem conv, 3 stages of ``blocks`` BasicBlocks (widths w, 2w, 4w), GAP, linear.
 
-    Depth = 6 * blocks + 2. Input (N, in_chans, H, W) -> logits (N, num_classes).
+    Depth = 6 * blocks + 2. Input (N, in_chans, H, W) -> logits (N, num_classes). Ready tap names: ``stem``,
+    ``stage1``..``stage3``, ``penultimate`` (N, C, 1, 1).
     """
+
+    distill_taps = {"stem": "conv1", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
+                    "penultimate": "pool"}
 
     def __init__(self, blocks: int, width: int, num_classes: int, in_chans: int = 1) -> None:
         super().__init__()
