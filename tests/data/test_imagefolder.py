@@ -207,3 +207,13 @@ def test_batch_larger_than_shard_with_drop_last_is_a_data_error(tree: Path) -> N
     data = load_imagefolder(str(tree), image_size=SIZE)
     with pytest.raises(DataError, match="not one full batch"):
         _loader(data.val, batch_size=8)
+
+
+def test_randaugment_posterize_at_full_magnitude_works_with_the_installed_pillow() -> None:
+    # b3's rand-m9-mstd0.5-inc1 draws magnitude 10 ~2% of the time; timm then posterizes to 0 bits, which Pillow 13
+    # refuses (a crash mid-training): distkd requires pillow < 13 until timm clamps it.
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    out = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)
+    assert out.size == image.size and out.getpixel((0, 0)) == (0, 0, 0)  # 0 bits kept: black
