@@ -98,6 +98,9 @@ def _check_index(index: object, batch: int, dataset_size: int) -> Tensor:
     return index.long()
 
 
+DENSE_SCORES = 8  # score against the whole bank when it holds at most this many times the rows drawn per anchor
+
+
 @LOSSES.register("crd")
 class CRD(nn.Module):
     """Contrastive representation distillation with a momentum memory bank (features (N, D), e.g. pooled).
@@ -180,9 +183,18 @@ class CRD(nn.Module):
         return target.long()
 
     def _scores(self, bank: Tensor, rows: Tensor, anchor: Tensor) -> Tensor:
-        """``exp(<bank[rows[i, j]], anchor[i]> / T)``: (N, K+1), in the bank's dtype even under autocast."""
+        """``exp(<bank[rows[i, j]], anchor[i]> / T)``: (N, K+1), in the bank's dtype even under autocast.
+
+        When the bank is at most ``DENSE_SCORES`` times the rows drawn per anchor, the anchors are scored against
+        the whole bank (one (N, D) x (D, S) product on a copy of the bank) and the drawn columns gathered: on
+        CIFAR (S = 50,000, K = 16,384) that replaces copying N (K+1) D bank entries.
+        """
         with torch.autocast(bank.device.type, enabled=False):
-            return torch.exp((bank[rows] @ anchor.unsqueeze(2)).squeeze(2) / self.nce_t)
+            if bank.shape[0] <= DENSE_SCORES * rows.shape[1]:
+                dots = (anchor @ bank.T.clone()).gather(1, rows)  # a copy: the bank is updated before backward
+            else:
+                dots = (bank[rows] @ anchor.unsqueeze(2)).squeeze(2)
+            return torch.exp(dots / self.nce_t)
 
     @torch.no_grad()
     def _update_memory(self, index: Tensor, e_s: Tensor, e_t: Tensor) -> None:
