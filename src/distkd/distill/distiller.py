@@ -102,7 +102,8 @@ class SingleInputStep(nn.Module):
         return output, self.task_loss(output, batch.target) if self.task_loss is not None else {}
 
     def teacher(self, model: nn.Module, batch: Batch, student_output: Any) -> Any:
-        return self.teacher_for_eval(model)(batch.inputs)
+        x = batch.inputs
+        return model(self.teacher_input(x) if self.teacher_input is not None else x)
 
     def context(self, batch: Batch, student_output: Any) -> dict[str, Any]:
         extra = self.context_fn(student_output, batch.target) if self.context_fn is not None else {}

@@ -44,7 +44,7 @@ def _silhouettes(cfg: DataConfig, seed: int) -> InMemoryData:
 def _cifar10(cfg: DataConfig, seed: int) -> InMemoryData:
     from distkd.data.cifar import load_cifar
 
-    return load_cifar(cfg.name, _root(cfg), download=cfg.download, val_size=cfg.val_size, seed=seed)
+    return load_cifar(cfg.name, cfg.root, download=cfg.download, val_size=cfg.val_size, seed=seed)
 
 
 DATASETS.register("cifar100")(_cifar10)
@@ -54,7 +54,7 @@ DATASETS.register("cifar100")(_cifar10)
 def _imagefolder(cfg: DataConfig, seed: int):  # noqa: ANN202 - FileData
     from distkd.data.imagefolder import load_imagefolder
 
-    return load_imagefolder(_root(cfg), preset=cfg.preset, image_size=cfg.image_size, val_size=cfg.val_size,
+    return load_imagefolder(cfg.root, preset=cfg.preset, image_size=cfg.image_size, val_size=cfg.val_size,
                             seed=seed, skip_unreadable=cfg.skip_unreadable)
 
 
@@ -69,12 +69,6 @@ def load_dataset(cfg: DataConfig, seed: int):  # noqa: ANN201 - InMemoryData or 
     reader = DATASETS.get(cfg.name)
     check_data_options(cfg, USES.get(cfg.name.lower(), DATASET_OPTIONS))
     return reader(cfg, seed)
-
-
-def _root(cfg: DataConfig) -> str:
-    if cfg.root is None:
-        raise ConfigError(f"data.root is required for dataset '{cfg.name}' (e.g. data.root=~/data/{cfg.name})")
-    return cfg.root
 
 
 def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, Loader, Loader | None]:  # noqa: ANN001

@@ -24,7 +24,6 @@ from distkd.data.loaders import IGNORE_INDEX, TensorLoader
 from distkd.distill import Distiller, SingleInputStep
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader, TrainSetup
-from distkd.errors import ConfigError
 from distkd.metrics.segmentation import ConfusionMatrix
 from distkd.registry import Registry
 from distkd.tasks.common import (
@@ -67,8 +66,6 @@ DATASETS.register("voc")(_cityscapes)
 def _files(cfg: DataConfig, seed: int) -> FileSegData:
     from distkd.data import segmentation as seg
 
-    if cfg.root is None:
-        raise ConfigError(f"data.root is required for dataset '{cfg.name}'")
     reader = seg.cityscapes if cfg.name == "cityscapes" else seg.voc
     default_crop = seg.CITYSCAPES_CROP if cfg.name == "cityscapes" else seg.VOC_CROP
     crop = tuple(cfg.kwargs.get("crop_size", default_crop))
