@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from distkd.config import RunConfig, from_dict, to_dict
+from distkd.config import RunConfig, ScheduleConfig, from_dict, to_dict
 from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state
 from distkd.engine.trainer import Trainer, seed_everything
@@ -21,15 +21,58 @@ from distkd.tasks.common import build_model
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``cfg.run_dir`` (continue its ``checkpoints/last.pt`` when ``resume``); return the summary."""
+    """Train ``cfg`` into ``cfg.run_dir`` (continue its ``checkpoints/last.pt`` when ``resume``); return the summary.
+
+    With a ``pretrain`` stage, that stage runs first in ``<run_dir>/pretrain`` (see :func:`pretrain_config`; a
+    resume continues whichever stage was running) and the main run starts from its last student and term state.
+    """
     device = _device(cfg.train)
     try:
-        return _train(cfg, device, resume)
+        if cfg.pretrain is None:
+            return _train(cfg, device, resume)
+        return _train_staged(cfg, device, resume)
     finally:
         distributed.close()  # leave the process group _device joined under torchrun
 
 
-def _train(cfg: RunConfig, device: torch.device, resume: bool) -> dict[str, Any]:
+def pretrain_config(cfg: RunConfig) -> RunConfig:
+    """The pre-training stage of ``cfg`` as a run of its own, in ``<run_dir>/pretrain``: ``pretrain.epochs`` at the
+    constant lr ``pretrain.lr`` (no warm-up, no EMA, no teacher cache), no task loss, each term weighted by its
+    ``pretrain_weight`` through its pre-training objective, the student frozen as ``pretrain.freeze`` says."""
+    stage = cfg.pretrain
+    assert stage is not None
+    terms = [dataclasses.replace(t, weight=t.pretrain_weight, objective="pretrain") for t in cfg.loss.distill]
+    return dataclasses.replace(
+        cfg, name="pretrain", out_dir=str(cfg.run_dir), pretrain=None,
+        loss=dataclasses.replace(cfg.loss, ce_weight=0.0, distill=terms),
+        teacher_cache=dataclasses.replace(cfg.teacher_cache, views=0),
+        optim=dataclasses.replace(cfg.optim, lr=stage.lr or cfg.optim.lr),
+        schedule=ScheduleConfig(name="constant"),
+        train=dataclasses.replace(cfg.train, epochs=stage.epochs, max_steps=None, ema_decay=None, eval_every=None,
+                                  freeze=stage.freeze))
+
+
+def _train_staged(cfg: RunConfig, device: torch.device, resume: bool) -> dict[str, Any]:
+    """The pre-training stage (unless finished), then the main run from its last checkpoint."""
+    stage_cfg = pretrain_config(cfg)
+    stage_dir = stage_cfg.run_dir
+    main_started = (cfg.run_dir / "checkpoints" / "last.pt").exists()
+    stage_started = (stage_dir / "checkpoints" / "last.pt").exists()
+    if not resume and (main_started or stage_started):
+        raise ConfigError(f"{cfg.run_dir} already holds a run; pass --resume to continue it, or set name=... for a "
+                          "new one")
+    if resume and not (main_started or stage_started):
+        raise ConfigError(f"nothing to resume in {cfg.run_dir}: neither it nor its pretrain stage has a "
+                          "checkpoints/last.pt; run the same command without --resume")
+    if not (stage_dir / "summary.json").exists():
+        print(f"pretrain stage: {cfg.pretrain.epochs} epoch(s) in {stage_dir}", flush=True)
+        _train(stage_cfg, device, resume=stage_started)
+        distributed.barrier()  # rank 0 has written the stage's last.pt before any rank reads it
+    start = stage_dir / "checkpoints" / "last.pt"
+    return _train(cfg, device, resume=main_started, start_from=None if main_started else start)
+
+
+def _train(cfg: RunConfig, device: torch.device, resume: bool, start_from: Path | None = None) -> dict[str, Any]:
     task = get_task(cfg.task)  # an unknown task fails before anything is written
     run_dir = cfg.run_dir
     last = run_dir / "checkpoints" / "last.pt"
@@ -46,7 +89,7 @@ def _train(cfg: RunConfig, device: torch.device, resume: bool) -> dict[str, Any]
     if not resume and distributed.is_main():
         _remove_unfinished_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, setup, device, run_dir).fit(resume=resume)
+    return Trainer(cfg, setup, device, run_dir, start_from=start_from).fit(resume=resume)
 
 
 def _check_writable(run_dir: Path) -> None:

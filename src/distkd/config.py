@@ -49,6 +49,9 @@ class TermConfig:
     loss lists of features, for methods that use several at once). ``transform`` reshapes
     both sides first (``none``, ``class_last``, ``flatten``, ``pool``). ``lr``/``weight_decay``: the optimizer
     settings of the loss's own trainable state (adapters), when it has any; null: ``optim``'s.
+    ``pretrain_weight``: the term's weight in the run's ``pretrain`` stage (0: not part of it). ``objective``:
+    ``loss`` (the method's criterion) or ``pretrain`` (its pre-training criterion, e.g. FT's paraphraser
+    reconstruction); the pretrain stage sets it, a config need not.
     """
 
     loss: str = "dist"
@@ -59,6 +62,8 @@ class TermConfig:
     transform: str = "none"
     lr: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
     weight_decay: float | None = field(default=None, metadata=_check(0))
+    pretrain_weight: float = field(default=0.0, metadata=_check(0))
+    objective: Literal["loss", "pretrain"] = "loss"
 
 
 @dataclass
@@ -143,6 +148,8 @@ class TrainConfig:
     eval_every: int | None = field(default=None, metadata=_check(1))  # steps; null: at the end of every epoch
     checkpoint_every: int | None = field(default=None, metadata=_check(1))  # steps, besides every epoch's end
     log_every: int | None = field(default=None, metadata=_check(1))  # steps between train_step/* records
+    # student parameters not trained (no gradient, eval mode): none; its classifier (the last nn.Linear); all
+    freeze: Literal["none", "classifier", "all"] = "none"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -162,6 +169,20 @@ class TeacherCacheConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """A pre-training stage run before the main schedule, as RepDistiller's ``helper/pretrain.py`` (AB, FT, FSP):
+    ``epochs`` of the terms with a ``pretrain_weight`` alone (no task loss), each through its pre-training
+    objective when it has one, SGD with ``optim``'s momentum and weight decay at the constant ``lr`` (null:
+    ``optim.lr``), training the term state and the student except what ``freeze`` names. It runs in
+    ``<run_dir>/pretrain`` (its own checkpoints, resumable); the main stage starts from its student and term state.
+    """
+
+    epochs: int = field(default=30, metadata=_check(1))
+    lr: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
+    freeze: Literal["none", "classifier", "all"] = "classifier"
+
+
+@dataclass
 class RunConfig:
     """Everything one ``distkd train`` run needs. ``teacher`` is None when training a teacher/baseline."""
 
@@ -177,8 +198,12 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.pretrain is not None and not any(t.pretrain_weight > 0 for t in self.loss.distill):
+            raise ConfigError("config: pretrain is set but no loss.distill term has a pretrain_weight > 0, so the "
+                              "stage would train nothing; give a term pretrain_weight: 1.0, or set pretrain=null")
         if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
             raise ConfigError(f"config: name: a run name is one folder name inside out_dir, got {self.name!r}; "
                               "use letters, digits, '-', '_' or '.' (e.g. name=dist_seed1), and out_dir= for where")

@@ -96,18 +96,17 @@ _NEWER = {  # (numbers, source of each number)
     "nkd": ((None,) * 9, ("crd-readme",) * 9),
     "wttm": ((76.37, 74.58, 71.92, 74.13, 76.06, 74.44, 69.59, 74.37, 76.55), ("ttm-readme",) * 9),
 }
-_STAGE_NOTE = "pre-training stage not run: distkd has no multi-stage schedule yet"
+_STAGE_NOTE = "both stages from one config (distkd's pretrain stage, then the main schedule)"
 # What a reader must know about a method's rows: the number's provenance and what our config cannot reproduce.
 _METHOD_NOTES = {
     "fitnet": "RepDistiller's one-stage FitNet (hint loss with CE from the first epoch), as its table; the FitNets "
               "paper's separate hint pre-training is not part of that recipe",
-    "ab": f"{_STAGE_NOTE}. RepDistiller trains connectors and student features with the AB loss alone for 30 epochs, "
-          "then CE only (AB weight 0); this row is only that CE stage (the AB term at weight 0), i.e. the student "
-          "trained from scratch, not AB",
-    "ft": f"{_STAGE_NOTE}. The paraphraser is not pre-trained on the teacher's features (30 epochs in RepDistiller): "
-          "the teacher factor comes from a random, frozen paraphraser",
-    "fsp": f"{_STAGE_NOTE}. RepDistiller trains the student's features with the FSP loss alone for 30 epochs, then CE "
-           "only (FSP weight 0); this row is only that CE stage, i.e. the student trained from scratch, not FSP",
+    "ab": f"{_STAGE_NOTE}: 30 epochs of the AB loss alone on connectors and student features, then CE only (AB "
+          "weight 0), as RepDistiller",
+    "ft": f"{_STAGE_NOTE}: 30 epochs of paraphraser pre-training on the teacher's features, then CE + 200 x FT with "
+          "the paraphraser frozen, as RepDistiller",
+    "fsp": f"{_STAGE_NOTE}: 30 epochs of the FSP loss alone on the student's features, then CE only (FSP weight 0), "
+           "as RepDistiller",
     "crd": "one process as RepDistiller; under DDP distkd's memory banks are updated per rank (not exact)",
     "crd_kd": "one process as RepDistiller; under DDP distkd's memory banks are updated per rank (not exact)",
     "reviewkd": "the authors' CIFAR-100 code: batch 128, lr 0.1 (0.02 for ShuffleNet/MobileNet), Nesterov",

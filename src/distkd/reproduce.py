@@ -136,8 +136,8 @@ def _methods_table() -> Table:
                                 Teacher(f"cifar100-{t}", Run(f"cifar100/teacher_{t}.yaml"))))
     title = "CIFAR-100, distillation methods compared on RepDistiller's pairs (authors' settings)"
     return Table(METHODS_TABLE, title, tuple(rows), "teachers trained here by cifar100/teacher_*.yaml unless "
-                 "--teacher-ckpt is given; AB, FSP and FT: pre-training stage not run: distkd has no multi-stage "
-                 "schedule yet (see the row notes)")
+                 "--teacher-ckpt is given; AB, FSP and FT run their 30-epoch pre-training stage first (see the row "
+                 "notes)")
 
 
 def _imagenet_table(strategy: str) -> Table:

@@ -141,3 +141,20 @@ def test_ft_errors_are_one_line() -> None:
         with pytest.raises(ConfigError) as err:
             build_loss("ft", **kwargs)
         assert "\n" not in str(err.value)
+
+
+def test_the_pretrain_objective_is_the_reconstruction_and_trains_the_paraphraser_alone() -> None:
+    student = seeded((4, 3, 4, 4), 0).float().requires_grad_()
+    teacher = seeded((4, 6, 4, 4), 1).float().relu()
+    loss = build_loss("ft")
+    loss.set_objective("pretrain")
+    loss.probe(student.detach(), teacher)
+    assert all(p.requires_grad for p in loss.paraphraser.parameters())
+    assert not any(p.requires_grad for p in loss.translator.parameters())
+    sd = {k: v.double() for k, v in loss.state_dict().items()}
+    expected = ((decode(encode(teacher.double(), sd), sd) - teacher.double()) ** 2).mean()
+    value = loss(student, teacher)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+    value.backward()
+    assert student.grad is None  # the student is not part of the objective
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.paraphraser.parameters())

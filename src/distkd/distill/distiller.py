@@ -38,6 +38,9 @@ class Term:
     outputs of every listed path, in order) for losses that take several features at once (e.g. ReviewKD).
     ``transform`` names a :mod:`distkd.distill.transforms` entry applied to both sides first.
     ``lr``/``weight_decay``: the optimizer settings of the loss's own parameters (None: the student's).
+    ``objective``: ``loss`` (the method's criterion) or ``pretrain``: a loss with a pre-training criterion (a
+    ``set_objective(name)`` method, e.g. FT's paraphraser reconstruction) computes that instead; for the others
+    the criterion is their pre-training objective too. A term of weight 0 is not computed.
     """
 
     name: str
@@ -48,6 +51,10 @@ class Term:
     transform: str = "none"
     lr: float | None = None
     weight_decay: float | None = None
+    objective: str = "loss"
+
+
+OBJECTIVES = ("loss", "pretrain")
 
 
 @dataclass
@@ -150,6 +157,10 @@ class Distiller(nn.Module):
         self.terms = list(terms)
         for term in self.terms:
             get_transform(term.transform)  # an unknown name fails here, listing the known ones
+            if term.objective not in OBJECTIVES:
+                raise ValueError(f"term '{term.name}': objective must be one of {OBJECTIVES}, got {term.objective!r}")
+            if hasattr(term.loss, "set_objective"):
+                term.loss.set_objective(term.objective)
         # one ModuleList per term: one loss per call of what it compares (sized by probe)
         self.term_losses = nn.ModuleList(nn.ModuleList([t.loss]) for t in self.terms)
         self.step = step if step is not None else SingleInputStep()
@@ -238,6 +249,8 @@ class Distiller(nn.Module):
             context["epoch"] = epoch
             parts: dict[str, Tensor] = {}
             for term, term_losses in zip(self.terms, self.term_losses, strict=True):
+                if term.weight == 0:  # e.g. AB after its pre-training stage (RepDistiller's loss_kd = 0)
+                    continue
                 pairs = self._pairs(term, output, teacher_output)
                 if len(pairs) != len(term_losses):
                     raise ShapeError(f"term '{term.name}' compares {len(pairs)} call(s) now but "

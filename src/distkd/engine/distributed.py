@@ -59,8 +59,9 @@ def is_main() -> bool:
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around the student when several processes run; the model itself otherwise."""
-    if world_size() == 1:
+    """DistributedDataParallel around the student when several processes run and it has something to train;
+    the model itself otherwise."""
+    if world_size() == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -32,7 +32,7 @@ from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_a
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
 from distkd.engine.optim import build_optimizer, build_scheduler, param_groups
-from distkd.errors import CheckpointError, DistkdError, first_line
+from distkd.errors import CheckpointError, ConfigError, DistkdError, first_line
 
 
 class Loader(Protocol):
@@ -72,7 +72,10 @@ class TrainingDiverged(DistkdError):
 class Trainer:
     """Trains ``setup`` for ``train.epochs`` epochs (or ``train.max_steps`` steps) on ``device`` into ``run_dir``."""
 
-    def __init__(self, cfg: RunConfig, setup: TrainSetup, device: torch.device, run_dir: Path) -> None:
+    def __init__(self, cfg: RunConfig, setup: TrainSetup, device: torch.device, run_dir: Path,
+                 start_from: Path | None = None) -> None:
+        """``start_from``: a checkpoint (e.g. a pre-training stage's last.pt) whose student and term state a
+        fresh run starts from; its optimizer and schedule are not taken."""
         self.cfg, self.setup, self.device, self.run_dir = cfg, setup, device, run_dir
         self.is_main = distributed.is_main()
         self.distiller = setup.distiller.to(device)
@@ -82,6 +85,11 @@ class Trainer:
         if self.distiller.terms:  # the shape probe: terms build their state (adapters, memory banks) from a batch
             self.distiller.probe(next(iter(setup.train)), dataset_size=setup.train.dataset_size)
             self.distiller.to(device, memory_format=memory_format)
+        if start_from is not None:
+            self._load_weights(start_from)
+        self.frozen = frozen_modules(self.student, cfg.train.freeze)
+        for module in self.frozen:
+            module.requires_grad_(False)
         self.term_params = [p for _, params in self.distiller.term_parameters() for p in params]
         distributed.broadcast_state(self.distiller.term_state_dict())  # every rank starts from rank 0's state
         runner = distributed.wrap(self.student, device)  # DDP gives all ranks rank 0's weights
@@ -147,6 +155,8 @@ class Trainer:
         loader, train_cfg = self.setup.train, self.cfg.train
         loader.set_epoch(self.epoch, self.batch)
         self.distiller.train()
+        for module in self.frozen:  # frozen parts keep their BatchNorm statistics (RepDistiller's pre-training)
+            module.eval()
         self.progress.start_epoch(self.epoch, len(loader) - self.batch)
         start, images, group = time.perf_counter(), 0, {}  # group: this step's losses, for log_every lines
         for batch in loader:
@@ -330,16 +340,21 @@ class Trainer:
             }
         save_atomic(state, self.run_dir / "checkpoints" / name)
 
-    def _load(self, path: Path) -> None:
+    def _load_weights(self, path: Path) -> dict[str, Any]:
+        """Load the student and the term state of checkpoint ``path``; return the whole checkpoint."""
         state = load_state(path)
-        if "optimizer" not in state:
-            raise CheckpointError(f"{path} holds weights only and cannot resume a run; use checkpoints/last.pt")
         self.student.load_state_dict(state["model"])
         try:
             self.distiller.load_term_state_dict(state.get("terms", {}))  # absent from checkpoints before 0.2
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: the distillation terms' state does not fit this config: "
                                   f"{first_line(exc)}") from None
+        return state
+
+    def _load(self, path: Path) -> None:
+        state = self._load_weights(path)
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path} holds weights only and cannot resume a run; use checkpoints/last.pt")
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -354,6 +369,20 @@ class Trainer:
         _set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
         where = f"epoch {self.epoch}" + (f", batch {self.batch} of epoch {self.epoch + 1}" if self.batch else "")
         self.progress.message(f"resumed from {path} at step {self.step} ({where})")
+
+
+def frozen_modules(student: nn.Module, freeze: str) -> list[nn.Module]:
+    """The student modules ``train.freeze`` names: none, the whole student, or its classifier (the last
+    ``nn.Linear`` it holds, the layer that maps features to logits)."""
+    if freeze == "none":
+        return []
+    if freeze == "all":
+        return [student]
+    linears = [m for m in student.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"train.freeze=classifier but the student ({type(student).__name__}) has no nn.Linear "
+                          "classifier; use train.freeze=none or all")
+    return linears[-1:]
 
 
 def seed_everything(seed: int) -> None:

@@ -18,7 +18,8 @@ and ``epoch`` (int); a loss ignores what it does not use.
 - Methods with learnable adapters or buffers (trainable state built by the shape probe): ``VID``
   (``"vid"``), ``ActivationBoundary`` (``"ab"``), ``FactorTransfer`` (``"ft"``), ``FSP`` (``"fsp"``, on a list of
   stage features), ``OFD`` (``"ofd"``), ``CRD`` (``"crd"``, a memory bank fed with ``index``), ``ReviewKD``
-  (``"reviewkd"``, on a list of stage features). AB, FSP and FT's multi-stage schedules are not run yet.
+  (``"reviewkd"``, on a list of stage features). AB, FSP and FT's pre-training runs as a config's
+  ``pretrain`` stage (``set_objective`` gives FT's paraphraser reconstruction).
 - Newer logit methods as their authors' code computes them: logit standardisation applied to KD, DKD and
   DIST (``"ls_kd"``, ``"ls_dkd"``, ``"ls_dist"``), ``MLKD`` (``"mlkd"``, one view), ``CTKD`` (``"ctkd"``, a
   learnable temperature trained through gradient reversal), ``NKD`` (``"nkd"``), ``WTTM`` (``"wttm"``).

@@ -13,7 +13,7 @@ margin loss pushes the connected student response ``s`` past ``-margin`` where t
 ``N`` is the batch size and ``3 / 1000`` is inside RepDistiller's (and the authors') criterion. A term with a list of
 module paths gives the L levels (RepDistiller uses the three stage outputs ``feat[1:-1]``); a single map is L = 1.
 
-Training stages in the original (the engine must schedule them; this loss only computes the criterion):
+Training stages in the original, both run by one config (a ``pretrain`` stage, then the main schedule):
 
 1. initialisation, ``init_epochs = 30``: the connectors and the student's feature layers (all but the classifier)
    are trained with this loss alone (no cross-entropy), SGD with the run's constant lr (0.05; 0.01 for

@@ -15,15 +15,14 @@ its decoder three 3x3 transposed convs back to ``C_t``, each followed by LeakyRe
 LeakyReLU(0.1). Both are distillation state built by the shape probe; the paraphraser's parameters are frozen
 (``requires_grad=False``), so only the translator is trained with the student.
 
-Training stages in the original (the engine must schedule them; this loss computes stage 2's criterion and offers
-:meth:`FactorTransfer.reconstruction_loss` for stage 1):
+Training stages in the original, both run by one config (a ``pretrain`` stage, then the main schedule):
 
 1. paraphraser pre-training, ``init_epochs = 30``: only the paraphraser is trained, to reconstruct the teacher's
    feature map (the last stage's output, RepDistiller's ``feat_t[-2]``) with the mean squared error; teacher and
    student are not trained; SGD with a constant lr of 0.01 for ResNet/WRN students, else the run's (0.05; 0.01 for
-   MobileNetV2/ShuffleNet students), momentum 0.9, weight decay 5e-4 (RepDistiller ``helper/pretrain.py``). The
-   engine must make the paraphraser's parameters trainable (``loss.paraphraser.requires_grad_(True)``) and optimise
-   ``reconstruction_loss(teacher_features)`` alone;
+   MobileNetV2/ShuffleNet students), momentum 0.9, weight decay 5e-4 (RepDistiller ``helper/pretrain.py``). With
+   the ``pretrain`` objective (:meth:`FactorTransfer.set_objective`, set by the stage) this loss is
+   :meth:`FactorTransfer.reconstruction_loss` and the paraphraser, not the translator, is trainable;
 2. distillation: the paraphraser is frozen again (RepDistiller also sets it to eval mode, which changes nothing
    without BatchNorm), the student and the translator are trained with cross-entropy + weight * this loss. Without
    stage 1 the teacher factor comes from a random paraphraser.
@@ -100,9 +99,15 @@ class FactorTransfer(nn.Module):
         self.p2 = check_positive("p2", p2)
         self.paraphraser: Paraphraser | None = None
         self.translator: nn.Sequential | None = None
+        self.objective = "loss"
+
+    def set_objective(self, objective: str) -> None:
+        """``loss``: the factor loss, the translator trains; ``pretrain``: the paraphraser's reconstruction of the
+        teacher's map, the paraphraser trains (stage 1). Set before the shape probe builds the modules."""
+        self.objective = objective
 
     def extra_repr(self) -> str:
-        return f"rate={self.rate}, p1={self.p1}, p2={self.p2}"
+        return f"rate={self.rate}, p1={self.p1}, p2={self.p2}, objective={self.objective}"
 
     def probe(self, student: Tensor, teacher: Tensor, **context: object) -> None:
         """Build the paraphraser (frozen) and the translator for these maps (called once, by the shape probe)."""
@@ -111,8 +116,9 @@ class FactorTransfer(nn.Module):
         if factor_channels < 1:
             raise ShapeError(f"FT's factors would have int({t.shape[1]} * {self.rate:g}) = 0 channels for the "
                              f"teacher's {tuple(t.shape)} (student {tuple(s.shape)}); raise rate")
-        self.paraphraser = Paraphraser(t.shape[1], factor_channels).requires_grad_(False).to(s.device)
-        self.translator = translator(s.shape[1], factor_channels).to(s.device)
+        pretraining = self.objective == "pretrain"
+        self.paraphraser = Paraphraser(t.shape[1], factor_channels).requires_grad_(pretraining).to(s.device)
+        self.translator = translator(s.shape[1], factor_channels).requires_grad_(not pretraining).to(s.device)
 
     def factor(self, x: Tensor) -> Tensor:
         """``normalize(mean_c x**p1)``: (N, F, H, W) -> (N, H W), unit L2 norm per sample."""
@@ -128,9 +134,13 @@ class FactorTransfer(nn.Module):
     def forward(
         self, student: Tensor, teacher: Tensor, *, return_parts: bool = False, **context: object
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """The factor-transfer loss (a scalar); the teacher is detached. ``return_parts``: also return ``{}``."""
+        """The factor-transfer loss (a scalar; with the ``pretrain`` objective the teacher map's reconstruction
+        loss); the teacher is detached. ``return_parts``: also return ``{}``."""
         if self.paraphraser is None or self.translator is None:
             raise not_probed("FT", "translator")
+        if self.objective == "pretrain":
+            loss = self.reconstruction_loss(single_level(teacher, "teacher", "FT"))
+            return (loss, {}) if return_parts else loss
         s, t = single_level(student, "student", "FT"), single_level(teacher, "teacher", "FT")
         dtype = self.translator[0].weight.dtype
         factor_s = self.translator(s.to(dtype)).to(dtype)

@@ -12,7 +12,7 @@ So FSP takes a LIST of L >= 2 feature maps per side (a term with a list of modul
 student's and the teacher's maps must have equal channel counts level by level. It owns no trainable state; the
 shape probe only checks the levels.
 
-Training stages in the original (the engine must schedule them; this loss only computes the criterion):
+Training stages in the original, both run by one config (a ``pretrain`` stage, then the main schedule):
 
 1. initialisation, ``init_epochs = 30``: the student's feature layers (all but the classifier) are trained with this
    loss alone, on the stem output and every stage output (RepDistiller's ``feat[:-1]``), SGD with the run's

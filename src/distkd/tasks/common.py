@@ -55,7 +55,7 @@ def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module
     for i, (name, t) in enumerate(zip(names, cfg.loss.distill, strict=True)):
         get_transform(t.transform)
         terms.append(Term(name if names.count(name) == 1 else f"{name}{i}", build_loss(t.loss, **t.kwargs), t.weight,
-                          t.student, t.teacher, t.transform, t.lr, t.weight_decay))
+                          t.student, t.teacher, t.transform, t.lr, t.weight_decay, t.objective))
     teacher = build_model(cfg.teacher, num_classes, "teacher") if cfg.teacher is not None else None
     return teacher, terms
 
