@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from distkd.data.batch import Batch
-from distkd.distill.taps import FeatureTaps
+from distkd.distill.taps import FeatureTaps, preact_batchnorm
 from distkd.distill.transforms import get_transform
 from distkd.errors import ConfigError, ShapeError
 
@@ -216,7 +216,9 @@ class Distiller(nn.Module):
         Runs the step in training mode (BatchNorm statistics and RNG states are restored afterwards), gives
         each term one loss per call of what it compares, and lets every loss with a ``probe(student, teacher,
         **context)`` method build its state from the tensors it will see. ``facts`` join the context (e.g.
-        ``dataset_size``, what a memory bank indexed by ``Batch.index`` needs).
+        ``dataset_size``, what a memory bank indexed by ``Batch.index`` needs). When the teacher declares the
+        BatchNorm before each of a term's tapped pre-ReLU features (``distill_preact_bn``), the term's context
+        also holds ``teacher_bn``: that module, or a list for a list of keys (OFD's margins read it).
         """
         if not self.terms:
             return
@@ -230,13 +232,22 @@ class Distiller(nn.Module):
                     pairs = self._pairs(term, output, teacher_output)
                     prototype = self.term_losses[i][0]
                     losses = [prototype] + [copy.deepcopy(prototype) for _ in pairs[1:]]
+                    term_context = context | self._teacher_batchnorms(term)
                     for loss, (s, t) in zip(losses, pairs, strict=True):
                         if hasattr(loss, "probe"):
-                            loss.probe(s, t, **context)
+                            loss.probe(s, t, **term_context)
                     self.term_losses[i] = nn.ModuleList(losses)
             finally:
                 self._clear_taps()
                 self.train(was_training)
+
+    def _teacher_batchnorms(self, term: Term) -> dict[str, Any]:
+        """``{"teacher_bn": ...}`` when the teacher declares the BatchNorm of every key the term taps, else {}."""
+        keys = _as_list(term.teacher_key)
+        bns = [preact_batchnorm(self.teacher, key) for key in keys] if self.teacher is not None else [None]
+        if any(bn is None for bn in bns):
+            return {}
+        return {"teacher_bn": bns if isinstance(term.teacher_key, list) else bns[0]}
 
     # ------------------------------------------------------------------ the step
 

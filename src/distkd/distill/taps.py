@@ -19,6 +19,17 @@ def tap_names(model: nn.Module) -> dict[str, str]:
     return dict(names) if isinstance(names, dict) else {}
 
 
+def preact_batchnorm(model: nn.Module, key: str) -> nn.Module | None:
+    """The BatchNorm a model declares (``distill_preact_bn``: ready name or module path -> BatchNorm path) as the one
+    whose affine parameters model tap ``key``'s pre-ReLU value; None when it declares none for ``key``."""
+    declared = getattr(model, "distill_preact_bn", None)
+    if not isinstance(declared, dict):
+        return None
+    by_path = {tap_names(model).get(name, name): bn for name, bn in declared.items()}
+    path = declared.get(key) or by_path.get(key)
+    return model.get_submodule(path) if path else None
+
+
 class FeatureTaps:
     """Records the output of each named submodule of ``model`` on every call while :meth:`recording`.
 

@@ -18,10 +18,13 @@ per-channel mean ``mu`` and standard deviation ``sigma``:
 
 The authors take ``sigma = |gamma|`` and ``mu = beta`` from the affine parameters of the teacher's BatchNorm right
 before the ReLU. distkd does exactly that when the shape probe's context carries ``teacher_bn`` (that BatchNorm
-module, or a list of them, one per level); the engine does not pass it yet, and without it the margin is estimated
-from the probe batch: ``mu`` and ``sigma`` are the per-channel mean and standard deviation of the teacher's pre-ReLU
-map over (N, H, W). The margins are buffers (saved with the term state). A term with a list of module paths gives the
-L levels (mdistiller uses the pre-ReLU output of every stage after the stem, ``preact_feats[1:]``).
+module, or a list of them, one per level): the Distiller passes it when the teacher declares the BatchNorm of each
+tapped feature (``distill_preact_bn``; the CIFAR ResNets, ResNet-50, WRNs and VGGs of the zoo do, with the authors'
+``get_bn_before_relu`` choices: a ResNet's last block's ``bn2``/``bn3``, before the shortcut is added). Without it
+(MobileNetV2, ShuffleNets, other models) the margin is estimated from the probe batch: ``mu`` and ``sigma`` are the
+per-channel mean and standard deviation of the teacher's pre-ReLU map over (N, H, W). The margins are buffers
+(saved with the term state). A term with a list of module paths gives the L levels (mdistiller uses the pre-ReLU
+output of every stage after the stem, ``preact_feats[1:]``).
 
 Other differences from the originals: both put the teacher's BatchNorm layers in training mode while distilling
 (batch statistics in the teacher's features); distkd's Distiller keeps the teacher in eval mode.

@@ -28,6 +28,12 @@ def ready_taps(stem: str, stages: list[str], preacts: list[str], penultimate: st
     return taps
 
 
+def preact_batchnorms(paths: list[str]) -> dict[str, str]:
+    """A zoo model's ``distill_preact_bn``: for each ``stage{k}_preact`` tap, the BatchNorm whose affine parameters
+    model that pre-ReLU value (the authors' ``get_bn_before_relu``, which OFD's margins read). Module paths."""
+    return {f"stage{k}_preact": path for k, path in enumerate(paths, 1)}
+
+
 def init_reference(model: nn.Module, linear_std: float | None = None) -> None:
     """He-normal (fan-out) convolutions, unit/zero BatchNorm, zero biases, as the reference zoo does.
 

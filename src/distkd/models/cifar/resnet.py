@@ -17,7 +17,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import init_reference, ready_taps
+from distkd.models.cifar.common import init_reference, preact_batchnorms, ready_taps
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -75,6 +75,8 @@ class CifarResNet(nn.Module):
             [f"layer{k}.{blocks - 1}.preact" for k in (1, 2, 3)],
             "flatten",
         )
+        # the last block's bn2, before the shortcut is added (OFD's get_bn_before_relu)
+        self.distill_preact_bn = preact_batchnorms([f"layer{k}.{blocks - 1}.bn2" for k in (1, 2, 3)])
 
     @staticmethod
     def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import init_reference, ready_taps
+from distkd.models.cifar.common import init_reference, preact_batchnorms, ready_taps
 
 
 class Bottleneck(nn.Module):
@@ -77,6 +77,8 @@ class CifarResNetV2(nn.Module):
             [f"layer{k}.{count - 1}.preact" for k, count in enumerate(blocks, 1)],
             "flatten",
         )
+        # the last block's bn3, before the shortcut is added (OFD's get_bn_before_relu)
+        self.distill_preact_bn = preact_batchnorms([f"layer{k}.{count - 1}.bn3" for k, count in enumerate(blocks, 1)])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

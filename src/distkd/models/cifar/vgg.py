@@ -16,7 +16,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import init_reference, ready_taps
+from distkd.models.cifar.common import init_reference, preact_batchnorms, ready_taps
 
 _STAGES: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
@@ -58,6 +58,8 @@ class VGG(nn.Module):
         self.distill_taps = ready_taps(
             "relu0", [f"relu{k}" for k in (1, 2, 3, 4)], [f"block{k}" for k in (1, 2, 3, 4)], "flatten"
         )
+        blocks = (self.block1, self.block2, self.block3, self.block4)  # each ends with its last BatchNorm
+        self.distill_preact_bn = preact_batchnorms([f"block{k}.{len(b) - 1}" for k, b in enumerate(blocks, 1)])
 
     def forward(self, x: Tensor) -> Tensor:
         height = x.shape[2]

@@ -19,7 +19,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from distkd.models import MODELS
-from distkd.models.cifar.common import init_reference, ready_taps
+from distkd.models.cifar.common import init_reference, preact_batchnorms, ready_taps
 
 
 class WideBlock(nn.Module):
@@ -87,6 +87,7 @@ class WideResNet(nn.Module):
         self.distill_taps = ready_taps(
             "conv1", ["block1", "block2", "block3"], ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"], "flatten"
         )
+        self.distill_preact_bn = preact_batchnorms(["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
