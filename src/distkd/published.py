@@ -107,8 +107,10 @@ _METHOD_NOTES = {
           "the paraphraser frozen, as RepDistiller",
     "fsp": f"{_STAGE_NOTE}: 30 epochs of the FSP loss alone on the student's features, then CE only (FSP weight 0), "
            "as RepDistiller",
-    "crd": "one process as RepDistiller; under DDP distkd's memory banks are updated per rank (not exact)",
-    "crd_kd": "one process as RepDistiller; under DDP distkd's memory banks are updated per rank (not exact)",
+    "crd": "one process as RepDistiller; under DDP the memory banks are those of the global batch (every rank's "
+           "samples), the negatives drawn per rank",
+    "crd_kd": "one process as RepDistiller; under DDP the memory banks are those of the global batch (every rank's "
+              "samples), the negatives drawn per rank",
     "reviewkd": "the authors' CIFAR-100 code: batch 128, lr 0.1 (0.02 for ShuffleNet/MobileNet), Nesterov",
     "mlkd": "one view: MLKD's released training also feeds a strong-augmentation view (RandAugment + Cutout) with its "
             "own CE and KD terms, not run here; MLKD number: the LS README's MLKD row (Jin et al., CVPR 2023 restated)",

@@ -34,9 +34,13 @@ State: the two heads (trained), the banks, the label table, ``Z`` and ``draws`` 
 state), built by the shape probe from the feature sizes and the context's ``dataset_size``; ``index`` (the
 ``Batch.index`` of every step) is required. Buffers change only in training mode.
 
-Limitation under DDP: every rank updates its own banks with its own samples, and distkd's trainer later
-broadcasts rank 0's buffers to all ranks, so rows of samples seen by other ranks lose their updates (and ``Z`` is
-rank 0's). An exact multi-GPU CRD must all-gather ``(index, e_s, e_t, target)`` before the update; not done here.
+Under DDP (an initialised default process group of several ranks) the buffers stay those of one process that
+trains on the global batch: every rank all-gathers ``(index, e_s, e_t, target)`` and updates its label table and
+both banks with every rank's samples, and ``Z`` is the mean over the global batch, so the banks are identical on
+all ranks and equal to a single process's. Each rank contrasts its own anchors (the loss is their mean, and DDP's
+mean over ranks of equal batches is the global mean). Only the negatives' random numbers differ from one process:
+each rank draws from its own stream (``draws * world_size + rank``), the same distribution, not the same numbers;
+a ``contrast_index`` in the context makes even those equal.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from distkd.errors import ConfigError, ShapeError
@@ -85,6 +90,28 @@ def draw_seed(seed: int, draws: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
     return value ^ (value >> 31)
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """Every rank's ``x`` (N_r, ...) concatenated in rank order (ranks may hold different N_r); ``x`` alone
+    without a process group. No gradient flows through the result."""
+    _, world = _world()
+    if world == 1:
+        return x
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
+    padded = torch.zeros((max(int(n) for n in sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)])
 
 
 def _check_index(index: object, batch: int, dataset_size: int) -> Tensor:
@@ -164,7 +191,9 @@ class CRD(nn.Module):
         """
         if self.embed_student is None:
             raise not_probed("CRD", "memory bank")
-        generator = torch.Generator(device=self.labels.device).manual_seed(draw_seed(self.seed, int(self.draws)))
+        rank, world = _world()
+        stream = int(self.draws) * world + rank  # one process: the step count
+        generator = torch.Generator(device=self.labels.device).manual_seed(draw_seed(self.seed, stream))
         if self.training:
             self.draws.add_(1)
         if self.negatives == "uniform":
@@ -231,16 +260,21 @@ class CRD(nn.Module):
         dtype = self.memory_student.dtype
         e_s = self.embed_student(s.to(dtype)).to(dtype)
         e_t = self.embed_teacher(t.detach().to(dtype)).to(dtype)
+        if self.training:  # every rank's samples (one process: this batch's)
+            all_index, all_e_s, all_e_t = gather_rows(index), gather_rows(e_s), gather_rows(e_t)
         if self.training and self.negatives == "other_class":
-            self.labels[index] = self._labels(target, s.shape[0])
+            self.labels[all_index] = gather_rows(self._labels(target, s.shape[0]))
         rows = self._contrast_rows(index, target, contrast_index)
         scores_s = self._scores(self.memory_teacher, rows, e_s)
         scores_t = self._scores(self.memory_student, rows, e_t)
         first = torch.stack([scores_s.mean(), scores_t.mean()]).detach() * self.dataset_size
+        if _world()[1] > 1 and self.training and bool(self.z[0] < 0):  # Z over the global batch (equal batches)
+            dist.all_reduce(first)
+            first /= _world()[1]
         z = torch.where(self.z < 0, first, self.z)
         if self.training:
             self.z.copy_(z)
-            self._update_memory(index, e_s, e_t)
+            self._update_memory(all_index, all_e_s, all_e_t)
         loss_s = contrast_loss(scores_s / z[0], self.dataset_size)
         loss_t = contrast_loss(scores_t / z[1], self.dataset_size)
         loss = loss_s + loss_t
