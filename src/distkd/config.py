@@ -148,8 +148,9 @@ class TrainConfig:
     eval_every: int | None = field(default=None, metadata=_check(1))  # steps; null: at the end of every epoch
     checkpoint_every: int | None = field(default=None, metadata=_check(1))  # steps, besides every epoch's end
     log_every: int | None = field(default=None, metadata=_check(1))  # steps between train_step/* records
-    # student parameters not trained (no gradient, eval mode): none; its classifier (the last nn.Linear); all
-    freeze: Literal["none", "classifier", "all"] = "none"
+    # student parts not trained (no gradient, eval mode): none; its classifier (the last nn.Linear); all; or a list
+    # of module paths / ready tap names (e.g. [stage3, fc]: FitNet's hint stage trains up to the guided layer)
+    freeze: list[str] | Literal["none", "classifier", "all"] = "none"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -179,7 +180,7 @@ class PretrainConfig:
 
     epochs: int = field(default=30, metadata=_check(1))
     lr: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
-    freeze: Literal["none", "classifier", "all"] = "classifier"
+    freeze: list[str] | Literal["none", "classifier", "all"] = "classifier"
 
 
 @dataclass

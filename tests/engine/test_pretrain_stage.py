@@ -150,3 +150,27 @@ def test_resume_with_nothing_started_says_so(cifar, tmp_path: Path, run_train) -
     with pytest.raises(ConfigError, match="nothing to resume.*pretrain stage") as info:
         run_train(_config(cifar, tmp_path, AB, "classifier"), resume=True)
     assert "\n" not in str(info.value)
+
+
+def test_fitnets_hint_stage_trains_the_student_up_to_the_guided_layer(cifar, tmp_path: Path, run_train) -> None:
+    """FitNets as Romero et al. ran it: hint training of the layers up to the guided one (and the regressor), then
+    the whole student with KD; ``freeze`` takes the layers after the guided one by ready name or module path."""
+    hint = "{loss: fitnet, weight: 0.0, pretrain_weight: 1.0, student: stage2, teacher: stage2}"
+    kd = "{loss: kd, weight: 0.9, kwargs: {tau: 4.0}}"
+    cfg = _config(cifar, tmp_path, f"{hint}, {kd}", "[stage3, fc]", "loss.ce_weight=0.1")
+    initial = _initial_student(cfg)
+    run_train(cfg)
+    stage = _model(cfg.run_dir / "pretrain" / "checkpoints" / "last.pt")
+    trained = {k for k in initial if not torch.equal(stage[k], initial[k])}
+    assert any(k.startswith("layer2.") for k in trained) and any(k.startswith("layer1.") for k in trained)
+    assert not any(k.startswith(("layer3.", "fc.")) for k in trained)  # frozen: no gradient, BN statistics kept
+    main = _model(cfg.run_dir / "checkpoints" / "last.pt")
+    assert not torch.equal(main["layer3.0.conv1.weight"], stage["layer3.0.conv1.weight"])
+
+
+def test_an_unknown_module_to_freeze_is_named_with_the_ready_names() -> None:
+    student = create_model("cifar_resnet8", num_classes=10)
+    assert frozen_modules(student, ["stage3", "fc"]) == [student.layer3, student.fc]
+    with pytest.raises(ConfigError, match=r"no module 'stage5'.*ready names stem, stage1") as info:
+        frozen_modules(student, ["stage5"])
+    assert "\n" not in str(info.value)

@@ -27,12 +27,14 @@ from torch import Tensor, nn
 from distkd.config import RunConfig, dump_config, to_dict
 from distkd.data.batch import Batch
 from distkd.distill import Distiller
+from distkd.distill.taps import tap_names
 from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_atomic
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
 from distkd.engine.optim import build_optimizer, build_scheduler, param_groups
 from distkd.errors import CheckpointError, ConfigError, DistkdError, first_line
+from distkd.registry import nearest
 
 
 class Loader(Protocol):
@@ -371,9 +373,21 @@ class Trainer:
         self.progress.message(f"resumed from {path} at step {self.step} ({where})")
 
 
-def frozen_modules(student: nn.Module, freeze: str) -> list[nn.Module]:
-    """The student modules ``train.freeze`` names: none, the whole student, or its classifier (the last
-    ``nn.Linear`` it holds, the layer that maps features to logits)."""
+def frozen_modules(student: nn.Module, freeze: str | list[str]) -> list[nn.Module]:
+    """The student modules ``train.freeze`` names: none, the whole student, its classifier (the last ``nn.Linear``
+    it holds, the layer that maps features to logits), or a list of module paths or ready tap names."""
+    if isinstance(freeze, list):
+        aliases = tap_names(student)
+        found = []
+        for key in freeze:
+            try:
+                found.append(student.get_submodule(aliases.get(key, key)))
+            except AttributeError:
+                ready = f"ready names {', '.join(aliases)} or " if aliases else ""
+                children = ", ".join(name for name, _ in student.named_children())
+                raise ConfigError(f"train.freeze: the student has no module '{key}'{nearest(key, list(aliases))}; "
+                                  f"name {ready}module paths (top level: {children})") from None
+        return found
     if freeze == "none":
         return []
     if freeze == "all":

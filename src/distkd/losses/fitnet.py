@@ -11,6 +11,11 @@ RepDistiller's ``ConvReg``: a convolution chosen by the spatial sizes, BatchNorm
 The regressor is trainable distillation state: its shapes come from the shape probe
 (:meth:`distkd.distill.Distiller.probe`), it is trained with the student and never exported with it. The
 original scripts weight the term by 100 on CIFAR-100 (a config's ``weight``, not part of the loss).
+
+RepDistiller trains the hint together with cross-entropy from the first epoch (its table's FitNet). The FitNets
+paper's two stages come from one config too: a ``pretrain`` stage in which the hint term (``pretrain_weight: 1``)
+trains the student up to the guided layer and the regressor, the layers after it frozen (``pretrain.freeze:
+[stage3, fc]`` for a CIFAR ResNet guided at ``stage2``), then the main run with KD and the hint at weight 0.
 """
 
 from __future__ import annotations
