@@ -92,6 +92,22 @@ def _train(cfg: RunConfig, device: torch.device, resume: bool, start_from: Path 
     return Trainer(cfg, setup, device, run_dir, start_from=start_from).fit(resume=resume)
 
 
+def build_teacher_cache(cfg: RunConfig) -> Path:
+    """Build (or complete) the teacher-output cache ``cfg`` trains with, without training; return its folder.
+
+    Under torchrun every process builds its share of an image-folder cache's shards."""
+    if cfg.teacher_cache.views == 0:
+        raise ConfigError("the config has no teacher cache (teacher_cache.views is 0); set teacher_cache.views=K")
+    device = _device(cfg.train)
+    try:
+        task = get_task(cfg.task)
+        seed_everything(cfg.seed + distributed.rank())
+        task.build(cfg, device)  # builds the cache the training loader replays
+        return Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
+    finally:
+        distributed.close()
+
+
 def _check_writable(run_dir: Path) -> None:
     """The run folder can be created (or written): its nearest existing ancestor is a writable folder."""
     existing = run_dir

@@ -1,4 +1,4 @@
-"""The ``distkd`` command line: train, eval, demo, models, configs, reproduce, bench.
+"""The ``distkd`` command line: train, eval, demo, compare, cache, models, configs, reproduce, bench.
 
 Errors distkd raises on purpose are printed as one line (``error: ...``) with exit status 2.
 """
@@ -66,6 +66,18 @@ def _compare(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/compare_{args.task}")
     seeds = 1 if args.quick and args.seeds is None else (args.seeds or 3)
     run_compare(out, methods, seeds=seeds, task=args.task, quick=args.quick, overrides=tuple(args.set))
+
+
+def _cache(args: argparse.Namespace) -> None:
+    from distkd.config import load_config
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+
+    from distkd.api import build_teacher_cache
+
+    directory = build_teacher_cache(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"teacher cache ready in {directory}")
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -138,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/compare_<task>)")
     p.add_argument("--set", nargs="+", default=[], metavar="key=value", help="overrides for every run")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("cache", help="teacher-output cache: `distkd cache build CONFIG` computes it without training")
+    p.add_argument("action", choices=("build",))
+    p.add_argument("config", help="a config with teacher_cache.views > 0 (a path or a bundled name)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.set_defaults(func=_cache)
 
     p = sub.add_parser("models", help="list the model names")
     p.set_defaults(func=_models)

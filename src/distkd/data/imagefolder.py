@@ -13,12 +13,15 @@ crop for ``val``/``test``. :class:`FileLoader` batches them with the same protoc
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
@@ -60,17 +63,30 @@ class ImageSubset(Dataset[tuple[Tensor, int]]):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, label = self.load(i)
+        return self.transform(image), label
+
+    def load(self, i: int) -> tuple[Image.Image, int]:
+        """Item ``i`` decoded (RGB), before the transform, and its label."""
         path, label = self.folder.samples[self.indices[i]]
         try:
-            image = self.folder.loader(path)
+            return self.folder.loader(path), label
         except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated or broken files
             raise DataError(f"cannot read image {path}: {first_line(err)}; fix or remove it, or set "
                             "data.skip_unreadable=true to leave unreadable files out (they are counted)") from None
-        return self.transform(image), label
 
     @property
     def targets(self) -> list[int]:
         return [self.folder.targets[i] for i in self.indices]
+
+    def listing_digest(self) -> str:
+        """blake2b of the items' paths (relative to the folder), labels and file sizes: identifies the listing."""
+        h = hashlib.blake2b(digest_size=16)
+        root = Path(self.folder.root)
+        for i in self.indices:
+            path, label = self.folder.samples[i]
+            h.update(f"{Path(path).relative_to(root).as_posix()}\0{label}\0{os.path.getsize(path)}\n".encode())
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)

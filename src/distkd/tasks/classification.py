@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 
 from distkd.config import DataConfig, RunConfig
 from distkd.data.augment import CropFlip
 from distkd.data.base import InMemoryData
 from distkd.data.loaders import TensorLoader
+from distkd.data.views import SeededViews
 from distkd.distill import Distiller, SingleInputStep, logits_of
+from distkd.distill.file_cache import SHARD_SAMPLES, CachedFileLoader, FileTeacherCache
 from distkd.distill.renormalize import Renormalize
 from distkd.distill.teacher_cache import CachedViewLoader, TeacherCache, dataset_digest
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader, TrainSetup
-from distkd.errors import ConfigError
+from distkd.errors import ConfigError, DataError
 from distkd.models.adapters import input_stats
 from distkd.models.weights import weights_sha256
 from distkd.registry import Registry
@@ -127,37 +131,83 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     return TrainSetup(distiller, train, val, test, evaluate, metric="top1")
 
 
-def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.device) -> CachedViewLoader:
+def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.device) -> Loader:
     """Replace the training loader by one replaying cached teacher logits (built here when missing)."""
     if distiller.teacher is None:
         raise ConfigError("teacher_cache.views > 0 needs a teacher; set teacher_cache.views=0 to train without")
-    if not isinstance(train, TensorLoader) or train.augment is None:
-        raise ConfigError("teacher_cache works with in-memory datasets (silhouettes, cifar10/100) with augmentation")
     if any(t.teacher != "logits" for t in cfg.loss.distill):
         raise ConfigError("teacher_cache stores logits only; every loss.distill term needs teacher: logits")
+    teacher_fn = _teacher_fn(cfg, distiller, device)
+    directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
+    record = {
+        "teacher": cfg.teacher.name, "teacher_kwargs": cfg.teacher.kwargs,
+        "teacher_sha256": weights_sha256(cfg.teacher.checkpoint), "dataset": cfg.data.name, "amp": cfg.train.amp,
+        "views": cfg.teacher_cache.views, "seed": cfg.teacher_cache.seed,
+    }
+    if isinstance(train, TensorLoader):
+        return _cached_in_memory(cfg, train, record, teacher_fn, directory)
+    return _cached_files(cfg, train, record, teacher_fn, directory)
+
+
+def _teacher_fn(cfg: RunConfig, distiller: Distiller, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """The frozen teacher as the cache runs it: (B, C, H, W) normalised student inputs -> logits (B, K)."""
     teacher = distiller.teacher_for_eval().to(device)
     if cfg.train.channels_last:
         teacher.to(memory_format=torch.channels_last)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
 
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
     @torch.no_grad()
     def teacher_fn(x: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return logits_of(teacher(x))
+            return logits_of(teacher(x.to(device).contiguous(memory_format=memory_format)))
 
-    record = {
-        "teacher": cfg.teacher.name, "teacher_kwargs": cfg.teacher.kwargs,
-        "teacher_sha256": weights_sha256(cfg.teacher.checkpoint), "dataset": cfg.data.name,
+    return teacher_fn
+
+
+def _cached_in_memory(cfg: RunConfig, train: TensorLoader, record: dict, teacher_fn: Callable[[Tensor], Tensor],
+                      directory: Path) -> CachedViewLoader:
+    if train.augment is None:
+        raise ConfigError("teacher_cache replays augmented views; this training split has no augmentation")
+    record = record | {
         "data_blake2b": dataset_digest(train.images, train.labels),
         "augment": {"padding": train.augment.padding, "flip": train.augment.flip},
-        "normalise": {"mean": list(train.mean), "std": list(train.std)}, "amp": cfg.train.amp,
-        "views": cfg.teacher_cache.views, "seed": cfg.teacher_cache.seed,
+        "normalise": {"mean": list(train.mean), "std": list(train.std)},
     }
-    directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
     # under DDP rank 0 builds the cache (on a file system all ranks see); the others then open it
     cache = distributed.main_first(
         lambda: TeacherCache.open_or_build(directory, record, teacher_fn, train, cfg.data.eval_batch_size))
     return CachedViewLoader(train, cache)
+
+
+def _cached_files(cfg: RunConfig, train: Loader, record: dict, teacher_fn: Callable[[Tensor], Tensor],
+                  directory: Path) -> CachedFileLoader:
+    """Image folders: every process builds its shards of the cache (resumable), then all replay it."""
+    from distkd.data.imagefolder import FileLoader
+
+    if not isinstance(train, FileLoader):
+        raise ConfigError(f"teacher_cache does not support the '{cfg.data.name}' dataset's loader")
+    if train.collate is not default_collate:
+        raise ConfigError(f"teacher_cache cannot store mixup/cutmix views (preset {cfg.data.preset}): they depend on "
+                          "the batch; use preset b1 or b2, or teacher_cache.views=0")
+    subset = train.dataset
+    record = record | {
+        "data_listing_blake2b": subset.listing_digest(), "count": len(subset), "classes": len(subset.folder.classes),
+        "pipeline": {"preset": cfg.data.preset, "image_size": cfg.data.image_size, "transform": repr(subset.transform)},
+        "shard_samples": SHARD_SAMPLES,
+    }
+    views = SeededViews(subset, cfg.teacher_cache.views, cfg.teacher_cache.seed)
+    cache = distributed.main_first(lambda: FileTeacherCache.prepare(directory, record) if distributed.is_main()
+                                   else FileTeacherCache(directory, record))
+    cache.build(teacher_fn, views, cfg.data.eval_batch_size, cfg.data.num_workers, distributed.rank(),
+                distributed.world_size())
+    distributed.barrier()  # every rank's shards are on disk
+    if missing := cache.missing():
+        raise DataError(f"teacher cache in {directory}: {len(missing)} shard(s) missing after the build (first: "
+                        f"{cache.shard_path(missing[0]).name}); is teacher_cache.dir on a file system every process "
+                        "sees?")
+    return CachedFileLoader(train, cache, views)
 
 
 
