@@ -151,3 +151,20 @@ def test_cache_build_without_views_is_a_one_line_error(capsys: pytest.CaptureFix
     assert main(["cache", "build", "demo/student.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: the config has no teacher cache (teacher_cache.views is 0); set teacher_cache.views=K"
+
+
+def test_a_resumed_epoch_replays_the_same_views_and_logits(tree: Path, teacher, tmp_path) -> None:
+    data = _data(tree)
+    views = SeededViews(data.train, views=3, seed=7)
+    cache = FileTeacherCache.prepare(tmp_path, _record(), log=lambda _: None)
+    _build(cache, teacher, views)
+    loader = CachedFileLoader(FileLoader(data.train, batch_size=4, shuffle=True, drop_last=True, seed=3,
+                                         num_workers=1), cache, views)
+    loader.set_epoch(1)
+    whole = list(loader)
+    loader.set_epoch(1, start=2)  # a checkpoint after batch 2 of epoch 1
+    rest = list(loader)
+    assert len(rest) == len(whole) - 2
+    for a, b in zip(whole[2:], rest, strict=True):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.teacher, b.teacher)
+        assert torch.equal(a.index, b.index) and torch.equal(a.target, b.target)
