@@ -80,7 +80,15 @@ def _configs(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from distkd.reproduce import commands, get_table, list_tables, parse_teacher_checkpoints, plan, reproduce
+    from distkd.reproduce import (
+        check_nproc,
+        commands,
+        get_table,
+        list_tables,
+        parse_teacher_checkpoints,
+        plan,
+        reproduce,
+    )
 
     if args.list or args.table is None:
         print(list_tables())
@@ -88,8 +96,9 @@ def _reproduce(args: argparse.Namespace) -> None:
     if args.dry_run:
         table = get_table(args.table)
         ckpts = parse_teacher_checkpoints(args.teacher_ckpt, table)
-        print("\n".join(commands(plan(table, args.rows, args.seeds, Path(args.out), args.set, ckpts))))
+        print("\n".join(commands(plan(table, args.rows, args.seeds, Path(args.out), args.set, ckpts), args.nproc)))
         return
+    check_nproc(args.nproc)
     print(reproduce(args.table, args.rows, args.seeds, args.out, args.set, args.teacher_ckpt))
 
 
@@ -154,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides for every run, e.g. data.root=~/data train.epochs=1")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--dry-run", action="store_true", help="print the equivalent `distkd train` commands")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (default 1): the dry run prints torchrun "
+                   "commands and each run's batch per process; a real run must be launched by torchrun with as many")
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("bench", help="images/s of the student step, teacher forward, distill step, cached distill")

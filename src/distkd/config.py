@@ -81,6 +81,8 @@ class DataConfig:
     root: str | None = None
     download: bool = False
     val_size: int = field(default=0, metadata=_check(0))
+    # the GLOBAL batch of one forward over all processes (x train.accumulate per optimizer step); each of W
+    # processes takes batch_size / W (must divide); eval_batch_size is global too, split rounded up
     batch_size: int = field(default=128, metadata=_check(1))
     eval_batch_size: int = field(default=512, metadata=_check(1))
     crop_padding: int = field(default=2, metadata=_check(0))

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distkd.errors import ConfigError
+
 T = TypeVar("T")
 _created: list[bool] = []  # non-empty while this module's init_from_env owns the default process group
 
@@ -56,6 +58,27 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def process_batch(global_batch: int, world: int, option: str = "data.batch_size") -> int:
+    """Each process's share of a global training batch: ``global_batch / world``, which must divide evenly.
+
+    The config's batch is the global one (the batch an optimizer step sees over all processes), so a run
+    keeps its recipe on any number of processes; a share that does not divide is an error, never rounded.
+    """
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    if global_batch % world:
+        fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise ConfigError(f"{option}={global_batch} (the global batch) does not divide over {world} processes; "
+                          f"set {option} to a multiple of {world}, or run {global_batch} on one of "
+                          f"{', '.join(map(str, fits[:8]))}{', ...' if len(fits) > 8 else ''} processes")
+    return global_batch // world
+
+
+def process_eval_batch(global_batch: int, world: int) -> int:
+    """Each process's share of the global evaluation batch, rounded up (evaluation results do not depend on it)."""
+    return -(-global_batch // world)
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

@@ -33,6 +33,7 @@ from distkd.tasks.common import (
     check_data_options,
     check_input,
     eval_shard,
+    process_batches,
 )
 
 DATASETS: Registry[object] = Registry("segmentation dataset")
@@ -93,10 +94,11 @@ def build_loaders(cfg: RunConfig, data: InMemoryData | FileSegData,
     """
     common = {"seed": cfg.seed, "device": device, "channels_last": cfg.train.channels_last}
     sharded = {"rank": distributed.rank(), "world_size": distributed.world_size()}
+    train_batch, eval_batch = process_batches(cfg.data)
     if isinstance(data, InMemoryData):
         def make(split, train: bool) -> TensorLoader:  # noqa: ANN001
             return TensorLoader(
-                split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size, mean=data.mean,
+                split, batch_size=train_batch if train else eval_batch, mean=data.mean,
                 std=data.std, shuffle=train, drop_last=train,
                 augment=CropFlip(cfg.data.crop_padding, cfg.data.flip) if train else None,
                 **common, **(sharded if train else {}),
@@ -106,7 +108,7 @@ def build_loaders(cfg: RunConfig, data: InMemoryData | FileSegData,
         return make(data.train, True), make(eval_shard(data.val), False), test
     from distkd.data.imagefolder import FileLoader
 
-    train = FileLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+    train = FileLoader(data.train, batch_size=train_batch, shuffle=True, drop_last=True,
                        num_workers=cfg.data.num_workers, **common, **sharded)
     val = FileLoader(eval_shard(data.val), batch_size=1, shuffle=False, drop_last=False,
                      num_workers=cfg.data.num_workers, **common)
