@@ -136,6 +136,9 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = True
     compile: bool = False  # torch.compile the student's training forward (DDP first, then compile)
+    # BatchNorm statistics over the global batch (SyncBatchNorm, converted before DDP wraps the student) when
+    # several processes run on CUDA; one process has nothing to sync; several CPU processes: an error
+    sync_bn: bool = False
     grad_clip: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
     ema_decay: float | None = field(default=None, metadata=_check(0, 1))
     threads: int | None = field(default=None, metadata=_check(1))

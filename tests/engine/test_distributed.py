@@ -161,6 +161,7 @@ import json, sys, torch
 from distkd.config import RunConfig
 from distkd.data.base import InMemoryData, Split
 from distkd.engine import distributed
+from distkd.errors import ConfigError
 from distkd.models import create_model
 from distkd.tasks import classification
 
@@ -181,8 +182,13 @@ train_batches = [len(b.index) for b in train]
 model = create_model("small_cnn3_w2", num_classes=3)
 model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
 metrics = classification.evaluate(model, val)
+try:
+    distributed.sync_batchnorm(model, device)
+    sync_error = None
+except ConfigError as exc:
+    sync_error = str(exc)
 print(json.dumps({"rank": rank, "before": before, "after": after, "seen": val.num_samples, "train": train_batches,
-                  "eval_batch": val.batch_size, **metrics}))
+                  "eval_batch": val.batch_size, "sync_error": sync_error, **metrics}))
 distributed.close()
 """
 
@@ -198,6 +204,31 @@ def test_the_global_batch_divides_over_the_processes_or_is_a_one_line_error() ->
                        r"processes; set data.batch_size to a multiple of 3") as info:
         process_batch(64, 3)
     assert "\n" not in str(info.value)
+
+
+def test_sync_bn_converts_every_batchnorm_keeping_weights_keys_and_outputs() -> None:
+    from distkd.engine.distributed import convert_batchnorm, sync_batchnorm
+    from distkd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn3_w2", num_classes=3).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    x = torch.randn(4, 1, 8, 8)
+    want, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    assert sync_batchnorm(model, torch.device("cpu")) is model  # one process: nothing to synchronise
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert convert_batchnorm(model) is model
+    kinds = [type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert kinds and all(k is torch.nn.SyncBatchNorm for k in kinds)
+    assert [id(p) for p in model.parameters()] == params  # the optimizer's parameters stay the same objects
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(model.state_dict()[k], v)
+                                                             for k, v in state.items())
+    assert torch.equal(model(x), want)
+    model.train()(x).sum().backward()  # without a process group SyncBatchNorm normalises like BatchNorm
 
 
 def test_two_processes_evaluate_each_sample_once_and_share_rank_zero_initial_weights(tmp_path: Path) -> None:
@@ -234,6 +265,8 @@ def test_two_processes_evaluate_each_sample_once_and_share_rank_zero_initial_wei
     assert [g["seen"] for g in got] == [4, 3]  # 7 samples: no padding sample on rank 1
     # data.batch_size 4 is global: each rank trains on 2 (7 samples -> 3 per rank, drop_last), evaluates on 1
     assert [g["train"] for g in got] == [[2], [2]] and [g["eval_batch"] for g in got] == [1, 1]
+    # torch's SyncBatchNorm synchronises CUDA tensors only: several CPU processes get a one-line error
+    assert all(g["sync_error"].startswith("train.sync_bn needs CUDA") and "\n" not in g["sync_error"] for g in got)
     for g in got:
         for key in ("top1", "top5", "loss"):
             assert g[key] == pytest.approx(want[key], rel=1e-6), key

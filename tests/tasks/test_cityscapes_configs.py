@@ -26,6 +26,8 @@ def test_rows_follow_the_authors_recipe(name):
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.02, 0.9, 5e-4)
     assert (cfg.schedule.name, cfg.schedule.power) == ("poly", 0.9)
     assert abs(cfg.train.epochs * (2975 // 16) - 40_000) < 80  # the authors' 40k iterations at batch 16
+    # hunto/DIST_KD segmentation/train_scripts: 8 GPUs x batch 2 with SyncBatchNorm; data.batch_size is global
+    assert cfg.train.sync_bn and cfg.data.batch_size // 8 == 2
     assert cfg.loss.aux_weight == 0.4 and cfg.model.kwargs == {"pretrained_backbone": True}
     if "_resnet18" in name and not name.startswith("cityscapes/student"):
         assert cfg.teacher.name == "seg_deeplabv3_resnet101"

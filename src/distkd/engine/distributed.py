@@ -81,6 +81,29 @@ def process_eval_batch(global_batch: int, world: int) -> int:
     return -(-global_batch // world)
 
 
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace ``model``'s BatchNorm layers by SyncBatchNorm, in place, when several processes run (each
+    training step then normalises with the statistics of the global batch); one process: unchanged.
+
+    torch's SyncBatchNorm synchronises CUDA tensors only, so several CPU processes are a ConfigError.
+    """
+    if world_size() == 1:
+        return model
+    if device.type != "cuda":
+        raise ConfigError(f"train.sync_bn needs CUDA: torch's SyncBatchNorm cannot synchronise {device.type} "
+                          "tensors; set train.sync_bn=false for a run on several CPU processes")
+    return convert_batchnorm(model)
+
+
+def convert_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm layer replaced by a SyncBatchNorm holding the same parameters and buffers
+    (same state-dict keys), in place; a model that is itself one BatchNorm layer is an error."""
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if converted is not model:
+        raise ConfigError("train.sync_bn cannot convert a model that is a single BatchNorm layer; wrap it in a module")
+    return model
+
+
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around the student when several processes run; the model itself otherwise."""
     if world_size() == 1:
