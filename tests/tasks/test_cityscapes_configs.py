@@ -28,9 +28,11 @@ def test_rows_follow_the_authors_recipe(name):
     assert abs(cfg.train.epochs * (2975 // 16) - 40_000) < 80  # the authors' 40k iterations at batch 16
     # hunto/DIST_KD segmentation/train_scripts: 8 GPUs x batch 2 with SyncBatchNorm; data.batch_size is global
     assert cfg.train.sync_bn and cfg.data.batch_size // 8 == 2
-    assert cfg.loss.aux_weight == 0.4 and cfg.model.kwargs == {"pretrained_backbone": True}
+    # the authors' backbone (deep stem, CIRKD dilations) from their ImageNet file (train_scripts/train_kd/*.sh)
+    assert cfg.loss.aux_weight == 0.4 and cfg.model.kwargs == {"backbone_weights": "ckpts/resnet18-imagenet.pth"}
+    assert cfg.model.name.endswith("_resnet18v1b")
     if "_resnet18" in name and not name.startswith("cityscapes/student"):
-        assert cfg.teacher.name == "seg_deeplabv3_resnet101"
+        assert cfg.teacher.name == "seg_deeplabv3_resnet101v1b"
         loss = name.split("/")[1].split("_")[0]
         assert [(t.loss, t.weight, t.kwargs, t.student) for t in cfg.loss.distill] == [
             (loss, 1.0, {"tau": 1.0}, "logits"), (loss, 0.4, {"tau": 1.0}, "aux")]
