@@ -43,13 +43,13 @@ def _eval(args: argparse.Namespace) -> None:
 
         from distkd.api import evaluate_config
 
-        print(json.dumps(evaluate_config(cfg, args.split), indent=2))
+        print(json.dumps(evaluate_config(cfg, args.split, scales=args.scales, flip=args.flip), indent=2))
         return
     if args.overrides:
         raise ConfigError("key=value overrides go with a config: distkd eval CONFIG model.checkpoint=PATH ...")
     from distkd.api import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, scales=args.scales, flip=args.flip), indent=2))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a distkd checkpoint (best.pt, last.pt), or a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with a config: e.g. model.checkpoint=PATH")
     p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--scales", type=float, nargs="+", metavar="S", help="segmentation: average the predictions "
+                   "over these input scales (e.g. 0.5 0.75 1.0 1.25 1.5 1.75; default: 1.0 alone, the authors' "
+                   "reported protocol)")
+    p.add_argument("--flip", action="store_true", help="segmentation: also average over mirrored inputs")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
