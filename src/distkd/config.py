@@ -120,6 +120,15 @@ class ScheduleConfig:
     warmup_start: float = field(default=0.1, metadata=_check(0, 1))
     min_lr: float = field(default=0.0, metadata=_check(0))
     power: float = field(default=0.9, metadata=_check(0))  # poly: (1 - progress) ** power
+    # the DIST authors' scheduler (image_classification_sota GradualWarmupScheduler): a warm-up that rises once
+    # per epoch (a staircase), and a step decay counted from the end of the warm-up
+    warmup_per_epoch: bool = False
+    decay_after_warmup: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decay_after_warmup and self.name != "step":
+            raise ConfigError(f"config: schedule.decay_after_warmup applies to schedule.name=step, not "
+                              f"{self.name!r}; remove it")
 
 
 @dataclass
