@@ -256,7 +256,7 @@ def test_zoo_models_stage_counts_match_repdistillers_feats() -> None:
 def test_dry_run_trains_each_teacher_once_then_every_row(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "rep"
     assert main(["reproduce", METHODS_TABLE, "--out", str(out), "--dry-run", "--set", "data.root=/data"]) == 0
-    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines() if line[0] != "#"]
     assert all(line[:2] == ["distkd", "train"] for line in lines)
     teachers = [line for line in lines if line[2].startswith("cifar100/teacher_")]
     order = dict.fromkeys(t for t, _ in CIFAR_PAIRS)
@@ -280,7 +280,7 @@ def test_dry_run_of_chosen_rows(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     argv = ["reproduce", METHODS_TABLE, "--rows", "fitnet-resnet32x4-resnet8x4", "crd_kd-resnet32x4-shufflev2",
             "--seeds", "2", "--out", str(tmp_path), "--dry-run", "--teacher-ckpt", "cifar100-resnet32x4=/t.pt"]
     assert main(argv) == 0
-    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines() if line[0] != "#"]
     assert [line[2] for line in lines] == ["cifar100/baselines/fitnet_resnet32x4-resnet8x4.yaml"] * 2 + [
         "cifar100/baselines/crd_kd_resnet32x4-shufflev2.yaml"] * 2
     assert lines[3][3:] == [f"out_dir={tmp_path / METHODS_TABLE / 'crd_kd-resnet32x4-shufflev2'}", "name=seed1",

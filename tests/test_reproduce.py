@@ -63,7 +63,9 @@ def test_dry_run_trains_each_teacher_once_then_every_seed(capsys: pytest.Capture
     argv = ["reproduce", "cifar100", "--rows", "resnet32x4-resnet8x4", "resnet32x4-shufflev1", "--seeds", "2",
             "--out", str(out), "--dry-run", "--set", "data.root=/data", "train.epochs=3"]
     assert main(argv) == 0
-    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[::2] == ["# batch 64 (global) = 64 per process x 1 process"] * 5
+    lines = [shlex.split(line) for line in printed[1::2]]
     assert [line[2] for line in lines] == ["cifar100/teacher_resnet32x4.yaml"] + \
         ["cifar100/dist_resnet32x4-resnet8x4.yaml"] * 2 + ["cifar100/dist_resnet32x4-shufflev1.yaml"] * 2
     teacher_ckpt = out / "teachers" / "cifar100-resnet32x4" / "checkpoints" / "best.pt"
@@ -72,6 +74,17 @@ def test_dry_run_trains_each_teacher_once_then_every_seed(capsys: pytest.Capture
     assert lines[2][3:] == [f"out_dir={out / 'cifar100' / 'resnet32x4-resnet8x4'}", "name=seed1", "seed=1",
                             f"teacher.checkpoint={teacher_ckpt}", "data.root=/data", "train.epochs=3"]
     assert all(line[:2] == ["distkd", "train"] for line in lines)
+
+
+def test_dry_run_on_eight_processes_prints_torchrun_and_the_share_of_the_global_batch(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = (("imagenet-b1", "resnet34-resnet18", 256), ("imagenet-b2", "resnet50sb-resnet18", 768))
+    for table, row, global_batch in rows:
+        assert main(["reproduce", table, "--rows", row, "--dry-run", "--nproc", "8", "--set", "data.root=/d"]) == 0
+        note, command = capsys.readouterr().out.strip().splitlines()
+        assert note == f"# batch {global_batch} (global) = {global_batch // 8} per process x 8 processes"
+        assert shlex.split(command)[:6] == ["torchrun", "--standalone", "--nproc_per_node=8", "-m", "distkd", "train"]
 
 
 def test_given_teacher_checkpoint_skips_training_that_teacher(tmp_path: Path) -> None:
@@ -136,6 +149,9 @@ def test_unknown_table_row_and_bad_arguments_fail_in_one_line(capsys: pytest.Cap
         (["reproduce", "cifar100", "--teacher-ckpt", "r56.pt", "--dry-run"], "is not ROW=PATH"),
         (["reproduce", "cifar100", "--teacher-ckpt", "resnet57=r.pt", "--dry-run"], "has no row or teacher 'resnet57'"),
         (["reproduce", "cifar100", "--seeds", "0", "--dry-run"], "--seeds must be at least 1"),
+        (["reproduce", "cifar100", "--rows", "resnet56-resnet20", "--nproc", "3", "--dry-run"],
+         "data.batch_size=64 (the global batch) does not divide over 3 processes"),
+        (["reproduce", "cifar100", "--nproc", "2"], "--nproc 2 but 1 process(es) run; launch with torchrun"),
     ]
     for argv, message in cases:
         assert main(argv) == 2

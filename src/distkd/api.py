@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +136,10 @@ def _remove_unfinished_run(run_dir: Path) -> None:
               "its first checkpoint", flush=True)
 
 
-def evaluate_checkpoint(path: str | Path, split: str = "val") -> dict[str, float]:
-    """The task's metrics (top-1/top-5, or mIoU) of a distkd checkpoint (best.pt or last.pt) on ``split``."""
+def evaluate_checkpoint(path: str | Path, split: str = "val", scales: Sequence[float] | None = None,
+                        flip: bool = False) -> dict[str, float]:
+    """The task's metrics (top-1/top-5, or mIoU) of a distkd checkpoint (best.pt or last.pt) on ``split``;
+    ``scales``/``flip``: multi-scale and flip evaluation (segmentation, see :func:`evaluate_config`)."""
     state = load_state(Path(path))
     if "config" not in state:
         raise CheckpointError(f"{path} holds no run config to rebuild its model and data from; evaluate it with a "
@@ -144,17 +148,27 @@ def evaluate_checkpoint(path: str | Path, split: str = "val") -> dict[str, float
         cfg = from_dict(RunConfig, state["config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}: its saved config is not valid for this distkd version ({exc})") from None
-    return evaluate_config(cfg, split, weights=state["model"], origin=f"checkpoint '{path}'")
+    return evaluate_config(cfg, split, weights=state["model"], origin=f"checkpoint '{path}'", scales=scales, flip=flip)
 
 
 def evaluate_config(cfg: RunConfig, split: str = "val", weights: dict[str, Any] | None = None,
-                    origin: str = "") -> dict[str, float]:
+                    origin: str = "", scales: Sequence[float] | None = None, flip: bool = False) -> dict[str, float]:
     """The metrics on ``split`` of the model ``cfg`` describes, with ``weights`` (a state_dict) or, without them,
-    the weights ``model.checkpoint`` names (plain state dicts of timm, torchvision or other tools load too)."""
+    the weights ``model.checkpoint`` names (plain state dicts of timm, torchvision or other tools load too).
+
+    ``scales`` (e.g. 0.5 0.75 1.0 1.25 1.5 1.75) and ``flip`` average the predictions over rescaled and mirrored
+    inputs, for tasks whose ``evaluate`` takes them (segmentation); None/False: the single-scale evaluation.
+    """
     if weights is None and cfg.model.checkpoint is None:
         raise ConfigError("nothing to evaluate: the config names no weights; set model.checkpoint=PATH")
     cfg = dataclasses.replace(cfg, teacher=None, loss=dataclasses.replace(cfg.loss, distill=[]))
     task = get_task(cfg.task)
+    options: dict[str, Any] = {}
+    if scales is not None or flip:
+        if "scales" not in inspect.signature(task.evaluate).parameters:
+            raise ConfigError(f"--scales/--flip (multi-scale and flip evaluation) are for segmentation; task "
+                              f"'{cfg.task}' evaluates each image once")
+        options = {"scales": tuple(scales) if scales is not None else (1.0,), "flip": flip}
     device = _device(cfg.train)
     data = task.load_dataset(cfg.data, cfg.seed)
     loaders = dict(zip(("train", "val", "test"), task.build_loaders(cfg, data, device), strict=True))
@@ -168,7 +182,7 @@ def evaluate_config(cfg: RunConfig, split: str = "val", weights: dict[str, Any] 
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return task.evaluate(model, loaders[split])
+    return task.evaluate(model, loaders[split], **options)
 
 
 def _check_same_config(cfg: RunConfig, last: Path) -> None:

@@ -43,13 +43,13 @@ def _eval(args: argparse.Namespace) -> None:
 
         from distkd.api import evaluate_config
 
-        print(json.dumps(evaluate_config(cfg, args.split), indent=2))
+        print(json.dumps(evaluate_config(cfg, args.split, scales=args.scales, flip=args.flip), indent=2))
         return
     if args.overrides:
         raise ConfigError("key=value overrides go with a config: distkd eval CONFIG model.checkpoint=PATH ...")
     from distkd.api import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, scales=args.scales, flip=args.flip), indent=2))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -92,7 +92,15 @@ def _configs(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from distkd.reproduce import commands, get_table, list_tables, parse_teacher_checkpoints, plan, reproduce
+    from distkd.reproduce import (
+        check_nproc,
+        commands,
+        get_table,
+        list_tables,
+        parse_teacher_checkpoints,
+        plan,
+        reproduce,
+    )
 
     if args.list or args.table is None:
         print(list_tables())
@@ -100,8 +108,9 @@ def _reproduce(args: argparse.Namespace) -> None:
     if args.dry_run:
         table = get_table(args.table)
         ckpts = parse_teacher_checkpoints(args.teacher_ckpt, table)
-        print("\n".join(commands(plan(table, args.rows, args.seeds, Path(args.out), args.set, ckpts))))
+        print("\n".join(commands(plan(table, args.rows, args.seeds, Path(args.out), args.set, ckpts), args.nproc)))
         return
+    check_nproc(args.nproc)
     print(reproduce(args.table, args.rows, args.seeds, args.out, args.set, args.teacher_ckpt))
 
 
@@ -132,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a distkd checkpoint (best.pt, last.pt), or a YAML config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with a config: e.g. model.checkpoint=PATH")
     p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--scales", type=float, nargs="+", metavar="S", help="segmentation: average the predictions "
+                   "over these input scales (e.g. 0.5 0.75 1.0 1.25 1.5 1.75; default: 1.0 alone, the authors' "
+                   "reported protocol)")
+    p.add_argument("--flip", action="store_true", help="segmentation: also average over mirrored inputs")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
@@ -172,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides for every run, e.g. data.root=~/data train.epochs=1")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--dry-run", action="store_true", help="print the equivalent `distkd train` commands")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (default 1): the dry run prints torchrun "
+                   "commands and each run's batch per process; a real run must be launched by torchrun with as many")
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("bench", help="images/s of the student step, teacher forward, distill step, cached distill")

@@ -86,6 +86,8 @@ class DataConfig:
     root: str | None = None
     download: bool = False
     val_size: int = field(default=0, metadata=_check(0))
+    # the GLOBAL batch of one forward over all processes (x train.accumulate per optimizer step); each of W
+    # processes takes batch_size / W (must divide); eval_batch_size is global too, split rounded up
     batch_size: int = field(default=128, metadata=_check(1))
     eval_batch_size: int = field(default=512, metadata=_check(1))
     crop_padding: int = field(default=2, metadata=_check(0))
@@ -123,6 +125,15 @@ class ScheduleConfig:
     warmup_start: float = field(default=0.1, metadata=_check(0, 1))
     min_lr: float = field(default=0.0, metadata=_check(0))
     power: float = field(default=0.9, metadata=_check(0))  # poly: (1 - progress) ** power
+    # the DIST authors' scheduler (image_classification_sota GradualWarmupScheduler): a warm-up that rises once
+    # per epoch (a staircase), and a step decay counted from the end of the warm-up
+    warmup_per_epoch: bool = False
+    decay_after_warmup: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decay_after_warmup and self.name != "step":
+            raise ConfigError(f"config: schedule.decay_after_warmup applies to schedule.name=step, not "
+                              f"{self.name!r}; remove it")
 
 
 @dataclass
@@ -139,6 +150,9 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = True
     compile: bool = False  # torch.compile the student's training forward (DDP first, then compile)
+    # BatchNorm statistics over the global batch (SyncBatchNorm, converted before DDP wraps the student) when
+    # several processes run on CUDA; one process has nothing to sync; several CPU processes: an error
+    sync_bn: bool = False
     grad_clip: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
     ema_decay: float | None = field(default=None, metadata=_check(0, 1))
     threads: int | None = field(default=None, metadata=_check(1))

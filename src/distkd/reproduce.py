@@ -17,6 +17,7 @@ accuracy over training, the convention of the published CIFAR tables.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import statistics
 from collections.abc import Sequence
@@ -251,9 +252,34 @@ def plan(table: Table, rows: Sequence[str] | None, seeds: int, out: Path, overri
     return steps
 
 
-def commands(steps: Sequence[tuple[str, Run]]) -> list[str]:
-    """The ``distkd train`` command lines equivalent to ``steps`` (what ``--dry-run`` prints)."""
-    return [shlex.join(["distkd", "train", run.config, *run.overrides]) for _, run in steps]
+def commands(steps: Sequence[tuple[str, Run]], nproc: int = 1) -> list[str]:
+    """The ``distkd train`` command lines equivalent to ``steps`` (what ``--dry-run`` prints); with ``nproc > 1``
+    launched by ``torchrun``, each after a ``#`` line giving its batch per process."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    launch = ["distkd"] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "distkd"]
+    lines = []
+    for _, run in steps:
+        lines += [batch_note(run, nproc), shlex.join([*launch, "train", run.config, *run.overrides])]
+    return lines
+
+
+def batch_note(run: Run, nproc: int) -> str:
+    """``# batch 256 (global) = 32 per process x 8 processes`` for ``run``; a ConfigError when it does not divide."""
+    from distkd.config import resolve_config_path
+    from distkd.engine.distributed import process_batch
+
+    cfg = load_config(resolve_config_path(run.config), list(run.overrides))
+    each = process_batch(cfg.data.batch_size, nproc)
+    return f"# batch {cfg.data.batch_size} (global) = {each} per process x {nproc} process{'es' * (nproc > 1)}"
+
+
+def check_nproc(nproc: int) -> None:
+    """A real reproduction runs in this process: ``--nproc`` must be the number of processes torchrun started."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc != world:
+        raise ConfigError(f"--nproc {nproc} but {world} process(es) run; launch with torchrun --nproc_per_node={nproc} "
+                          "-m distkd reproduce ... (or drop --nproc)")
 
 
 def reproduce(table_name: str, rows: Sequence[str] | None = None, seeds: int = 1, out: str | Path = "runs/reproduce",

@@ -44,8 +44,9 @@ def test_two_process_run_logs_once_and_its_metrics_are_the_checkpoints(
 # A BatchNorm model cannot give the same trajectory with half the batch per rank (each rank normalises with
 # its own half's statistics), so these runs use a BN-free student: a one-block timm ViT (LayerNorm is per
 # sample). Augmentation is off because each rank draws its own crops; the sample order is shared by design.
-# With per-rank batch = global batch / 2, rank r takes positions r, r + 2, ... of the same permutation, so
-# every step sees the same global batch and DDP's mean of the two half-batch gradients is the full-batch one.
+# data.batch_size is the global batch: each rank takes half of it, at positions r, r + 2, ... of the same
+# permutation, so every step sees the same global batch and DDP's mean of the two half-batch gradients is the
+# full-batch one.
 VIT = ("model.name=timm_vit_tiny_patch16_224", "model.kwargs.img_size=28", "model.kwargs.patch_size=7",
        "model.kwargs.in_chans=1", "model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2",
        "data.crop_padding=0", "data.flip=false", "train.epochs=3")
@@ -55,7 +56,7 @@ GLOBAL_BATCH = 128
 def torchrun(run_root: Path, fast: tuple[str, ...], *extra: str, resume: bool = False) -> subprocess.Popen:
     """Start ``torchrun --nproc_per_node 2 -m distkd train`` of the ViT student under ``run_root``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distkd",
-           "train", "demo/student.yaml", *fast, *VIT, f"data.batch_size={GLOBAL_BATCH // 2}", f"out_dir={run_root}",
+           "train", "demo/student.yaml", *fast, *VIT, f"data.batch_size={GLOBAL_BATCH}", f"out_dir={run_root}",
            *extra, *(["--resume"] if resume else [])]
     log = (run_root.parent / f"{run_root.name}.log").open("a")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_root.parent)
@@ -160,6 +161,7 @@ import json, sys, torch
 from distkd.config import RunConfig
 from distkd.data.base import InMemoryData, Split
 from distkd.engine import distributed
+from distkd.errors import ConfigError
 from distkd.models import create_model
 from distkd.tasks import classification
 
@@ -174,14 +176,59 @@ torch.manual_seed(0)
 images, labels = torch.randint(0, 256, (7, 1, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2, 0])
 data = InMemoryData(Split(images, labels), Split(images, labels), None, 3, (0.5,), (0.25,))
 cfg = RunConfig()
-cfg.data.batch_size, cfg.data.eval_batch_size, cfg.train.channels_last = 2, 2, False
-_, val, _ = classification.build_loaders(cfg, data, device)
+cfg.data.batch_size, cfg.data.eval_batch_size, cfg.train.channels_last = 4, 2, False  # global batches
+train, val, _ = classification.build_loaders(cfg, data, device)
+train_batches = [len(b.index) for b in train]
 model = create_model("small_cnn3_w2", num_classes=3)
 model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
 metrics = classification.evaluate(model, val)
-print(json.dumps({"rank": rank, "before": before, "after": after, "seen": val.num_samples, **metrics}))
+try:
+    distributed.sync_batchnorm(model, device)
+    sync_error = None
+except ConfigError as exc:
+    sync_error = str(exc)
+print(json.dumps({"rank": rank, "before": before, "after": after, "seen": val.num_samples, "train": train_batches,
+                  "eval_batch": val.batch_size, "sync_error": sync_error, **metrics}))
 distributed.close()
 """
+
+
+def test_the_global_batch_divides_over_the_processes_or_is_a_one_line_error() -> None:
+    from distkd.engine.distributed import process_batch, process_eval_batch
+    from distkd.errors import ConfigError
+
+    assert [process_batch(256, w) for w in (1, 2, 8)] == [256, 128, 32]  # ImageNet B1: the authors' 32 x 8
+    assert process_batch(16, 8) == 2  # Cityscapes: 2 per GPU
+    assert [process_eval_batch(9, w) for w in (1, 2, 4, 9, 16)] == [9, 5, 3, 1, 1]
+    with pytest.raises(ConfigError, match=r"^data.batch_size=64 \(the global batch\) does not divide over 3 "
+                       r"processes; set data.batch_size to a multiple of 3") as info:
+        process_batch(64, 3)
+    assert "\n" not in str(info.value)
+
+
+def test_sync_bn_converts_every_batchnorm_keeping_weights_keys_and_outputs() -> None:
+    from distkd.engine.distributed import convert_batchnorm, sync_batchnorm
+    from distkd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn3_w2", num_classes=3).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    x = torch.randn(4, 1, 8, 8)
+    want, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    assert sync_batchnorm(model, torch.device("cpu")) is model  # one process: nothing to synchronise
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert convert_batchnorm(model) is model
+    kinds = [type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert kinds and all(k is torch.nn.SyncBatchNorm for k in kinds)
+    assert [id(p) for p in model.parameters()] == params  # the optimizer's parameters stay the same objects
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(model.state_dict()[k], v)
+                                                             for k, v in state.items())
+    assert torch.equal(model(x), want)
+    model.train()(x).sum().backward()  # without a process group SyncBatchNorm normalises like BatchNorm
 
 
 def test_two_processes_evaluate_each_sample_once_and_share_rank_zero_initial_weights(tmp_path: Path) -> None:
@@ -216,6 +263,10 @@ def test_two_processes_evaluate_each_sample_once_and_share_rank_zero_initial_wei
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert [g["seen"] for g in got] == [4, 3]  # 7 samples: no padding sample on rank 1
+    # data.batch_size 4 is global: each rank trains on 2 (7 samples -> 3 per rank, drop_last), evaluates on 1
+    assert [g["train"] for g in got] == [[2], [2]] and [g["eval_batch"] for g in got] == [1, 1]
+    # torch's SyncBatchNorm synchronises CUDA tensors only: several CPU processes get a one-line error
+    assert all(g["sync_error"].startswith("train.sync_bn needs CUDA") and "\n" not in g["sync_error"] for g in got)
     for g in got:
         for key in ("top1", "top5", "loss"):
             assert g[key] == pytest.approx(want[key], rel=1e-6), key

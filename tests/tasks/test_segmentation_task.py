@@ -74,7 +74,7 @@ def test_evaluate_matches_a_confusion_matrix_on_upsampled_predictions():
             return {"out": logits[: len(x)]}
 
     metrics = segmentation.evaluate(Fixed(), [Batch(torch.zeros(3, 1, 16, 16), labels)])
-    up = torch.nn.functional.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False).argmax(1)
+    up = torch.nn.functional.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=True).argmax(1)
     matrix = ConfusionMatrix(4)
     matrix.update(up, labels)
     assert metrics["miou"] == pytest.approx(100 * matrix.miou())

@@ -1,15 +1,18 @@
 """Cityscapes and Pascal VOC 2012 segmentation readers with joint (image, label) transforms.
 
-A reader is a map-style dataset of file pairs; item ``i`` is ``(image float (3, H, W) normalised with the
-ImageNet mean/std, label int64 (H, W))`` with ignored pixels = 255. Training augmentation (random scale
-0.5-2.0, random crop with padding, horizontal flip) draws from a ``torch.Generator`` seeded from
-(``seed``, epoch, index), so an item is the same whatever the number of loader workers; call
+A reader is a map-style dataset of file pairs; item ``i`` is ``(image float (3, H, W) normalised, label int64
+(H, W))`` with ignored pixels = 255. Normalisation (:data:`NORMALISATIONS`): ``imagenet`` (RGB, torchvision's
+mean/std) or ``caffe`` (the DIST authors' and CIRKD's: BGR channel order, mean (104.008, 116.669, 122.679)
+subtracted on the [0, 255] scale, no division), which the weights they release expect. Training
+augmentation (random scale 0.5-2.0, random crop with padding, horizontal flip) draws from a ``torch.Generator``
+seeded from (``seed``, epoch, index), so an item is the same whatever the number of loader workers; call
 ``set_epoch`` each epoch for fresh augmentation. Evaluation uses full images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,22 +54,44 @@ CITYSCAPES_LUT = label_lut({label_id: i for i, label_id in enumerate(CITYSCAPES_
 VOC_LUT = label_lut({i: i for i in range(len(VOC_CLASSES))})
 
 
-def normalize(image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(C, H, W) on the [0, 255] scale -> float (C, H, W) standardised per channel."""
-    m = torch.tensor(mean).view(-1, 1, 1) * 255.0
-    s = torch.tensor(std).view(-1, 1, 1) * 255.0
-    return (image.float() - m) / s
+@dataclass(frozen=True)
+class Normalisation:
+    """How an RGB image on the [0, 255] scale becomes a model input: ``bgr`` reverses the channels first;
+    ``mean`` and ``std`` (on the [0, 255] scale, in the input's channel order) standardise each channel;
+    ``pad`` is the RGB colour a scaled image smaller than the crop is padded with."""
+
+    bgr: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad: tuple[float, float, float]
+
+
+CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+NORMALISATIONS: dict[str, Normalisation] = {
+    "imagenet": Normalisation(False, tuple(255.0 * m for m in IMAGENET_MEAN),  # type: ignore[arg-type]
+                              tuple(255.0 * s for s in IMAGENET_STD), (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
+    # CIRKD/DIST dataset/cityscapes.py: cv2 (BGR) pixels minus the mean; padded after it, i.e. with the mean colour
+    "caffe": Normalisation(True, CAFFE_BGR_MEAN, (1.0, 1.0, 1.0), CAFFE_BGR_MEAN[::-1]),
+}
+
+
+def normalize(image: torch.Tensor, norm: Normalisation) -> torch.Tensor:
+    """RGB (3, H, W) on the [0, 255] scale -> float (3, H, W) as ``norm`` says."""
+    x = image.float()
+    if norm.bgr:
+        x = x.flip(0)
+    return (x - torch.tensor(norm.mean).view(-1, 1, 1)) / torch.tensor(norm.std).view(-1, 1, 1)
 
 
 class EvalTransform:
     """Full image, normalised: ``(uint8 (3, H, W), int64 (H, W), gen) -> (float (3, H, W), int64 (H, W))``."""
 
-    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
-        self.mean, self.std = mean, std
+    def __init__(self, norm: Normalisation = NORMALISATIONS["imagenet"]) -> None:
+        self.norm = norm
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(image, self.mean, self.std), label
+        return normalize(image, self.norm), label
 
 
 class TrainTransform:
@@ -74,17 +99,17 @@ class TrainTransform:
 
     ``(uint8 (3, H, W), int64 (H, W), gen) -> (float (3, ch, cw), int64 (ch, cw))`` with
     ``crop_size = (ch, cw)``. The image is resized bilinearly, the label by nearest neighbour; when the
-    scaled pair is smaller than the crop, the image is padded with 0 (black, before normalisation) and
-    the label with ``ignore_index`` on the bottom/right.
+    scaled pair is smaller than the crop, the image is padded with ``norm.pad`` (black for ``imagenet``, the
+    mean colour for ``caffe``) and the label with ``ignore_index`` on the bottom/right.
     """
 
     def __init__(self, crop_size: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0),
-                 flip: bool = True, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD, ignore_index: int = IGNORE_INDEX) -> None:
+                 flip: bool = True, norm: Normalisation = NORMALISATIONS["imagenet"],
+                 ignore_index: int = IGNORE_INDEX) -> None:
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale_range = scale_range
         self.flip = flip
-        self.mean, self.std = mean, std
+        self.norm = norm
         self.ignore_index = ignore_index
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor,
@@ -97,14 +122,15 @@ class TrainTransform:
         ch, cw = self.crop_size
         pad_h, pad_w = max(ch - size[0], 0), max(cw - size[1], 0)
         if pad_h or pad_w:
-            img = F.pad(img, (0, pad_w, 0, pad_h), value=0.0)
+            colour = torch.tensor(self.norm.pad).view(3, 1, 1)
+            img = F.pad(img - colour, (0, pad_w, 0, pad_h), value=0.0) + colour
             lab = F.pad(lab, (0, pad_w, 0, pad_h), value=self.ignore_index)
         top = int(torch.randint(0, img.shape[-2] - ch + 1, (), generator=gen))
         left = int(torch.randint(0, img.shape[-1] - cw + 1, (), generator=gen))
         img, lab = img[:, top : top + ch, left : left + cw], lab[top : top + ch, left : left + cw]
         if self.flip and float(torch.rand((), generator=gen)) < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
-        return normalize(img, self.mean, self.std), lab.contiguous()
+        return normalize(img, self.norm), lab.contiguous()
 
 
 def read_image(path: Path) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distkd.errors import ConfigError
+
 T = TypeVar("T")
 _created: list[bool] = []  # non-empty while this module's init_from_env owns the default process group
 
@@ -56,6 +58,50 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def process_batch(global_batch: int, world: int, option: str = "data.batch_size") -> int:
+    """Each process's share of a global training batch: ``global_batch / world``, which must divide evenly.
+
+    The config's batch is the global one (the batch an optimizer step sees over all processes), so a run
+    keeps its recipe on any number of processes; a share that does not divide is an error, never rounded.
+    """
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    if global_batch % world:
+        fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise ConfigError(f"{option}={global_batch} (the global batch) does not divide over {world} processes; "
+                          f"set {option} to a multiple of {world}, or run {global_batch} on one of "
+                          f"{', '.join(map(str, fits[:8]))}{', ...' if len(fits) > 8 else ''} processes")
+    return global_batch // world
+
+
+def process_eval_batch(global_batch: int, world: int) -> int:
+    """Each process's share of the global evaluation batch, rounded up (evaluation results do not depend on it)."""
+    return -(-global_batch // world)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace ``model``'s BatchNorm layers by SyncBatchNorm, in place, when several processes run (each
+    training step then normalises with the statistics of the global batch); one process: unchanged.
+
+    torch's SyncBatchNorm synchronises CUDA tensors only, so several CPU processes are a ConfigError.
+    """
+    if world_size() == 1:
+        return model
+    if device.type != "cuda":
+        raise ConfigError(f"train.sync_bn needs CUDA: torch's SyncBatchNorm cannot synchronise {device.type} "
+                          "tensors; set train.sync_bn=false for a run on several CPU processes")
+    return convert_batchnorm(model)
+
+
+def convert_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm layer replaced by a SyncBatchNorm holding the same parameters and buffers
+    (same state-dict keys), in place; a model that is itself one BatchNorm layer is an error."""
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if converted is not model:
+        raise ConfigError("train.sync_bn cannot convert a model that is a single BatchNorm layer; wrap it in a module")
+    return model
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

@@ -37,12 +37,25 @@ def build_optimizer(model_or_groups: nn.Module | list[dict], cfg: OptimConfig) -
     return RMSpropTF(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps)
 
 
-def lr_factor(cfg: ScheduleConfig, base_lr: float, epochs: float) -> Callable[[float], float]:
-    """The multiplier of the base lr as a function of the (fractional) epoch."""
+def lr_factor(cfg: ScheduleConfig, base_lr: float, epochs: float,
+              steps_per_epoch: int | None = None) -> Callable[[float], float]:
+    """The multiplier of the base lr as a function of the (fractional) epoch, ``steps / steps_per_epoch``.
+
+    ``cfg.warmup_per_epoch``: the warm-up factor rises once per epoch (``floor(epoch)``), not every step.
+    ``cfg.decay_after_warmup`` (step schedule; needs ``steps_per_epoch``): as the DIST authors' scheduler, the
+    lr is the base lr at the end of the warm-up (step ``W``) and after ``t > W`` steps it is
+    ``gamma ** ((t - W - 1) // (step_size * steps_per_epoch))``: decays are counted from the end of the
+    warm-up, the first ``step_size`` epochs of steps after it.
+    """
+    if cfg.decay_after_warmup and not steps_per_epoch:
+        raise ValueError("decay_after_warmup needs steps_per_epoch")
 
     def main(epoch: float) -> float:
         if cfg.name == "multistep":
             return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        if cfg.name == "step" and cfg.decay_after_warmup:
+            step, warmup = round(epoch * steps_per_epoch), round(cfg.warmup_epochs * steps_per_epoch)
+            return cfg.gamma ** (max(step - warmup - 1, 0) // (cfg.step_size * steps_per_epoch))
         if cfg.name == "step":
             return cfg.gamma ** math.floor(epoch / cfg.step_size)
         span = max(epochs - cfg.warmup_epochs, 1e-8)
@@ -56,7 +69,8 @@ def lr_factor(cfg: ScheduleConfig, base_lr: float, epochs: float) -> Callable[[f
 
     def factor(epoch: float) -> float:
         if epoch < cfg.warmup_epochs:
-            return cfg.warmup_start + (1 - cfg.warmup_start) * epoch / cfg.warmup_epochs
+            done = math.floor(epoch) if cfg.warmup_per_epoch else epoch
+            return cfg.warmup_start + (1 - cfg.warmup_start) * done / cfg.warmup_epochs
         return main(epoch)
 
     return factor
@@ -69,5 +83,5 @@ def build_scheduler(
 
     Every group's lr follows the same factor of its own initial lr (a term's adapters may start elsewhere).
     """
-    factor = lr_factor(cfg, base_lr, epochs)
+    factor = lr_factor(cfg, base_lr, epochs, iters_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / iters_per_epoch))

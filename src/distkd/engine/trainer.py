@@ -94,6 +94,8 @@ class Trainer:
             module.requires_grad_(False)
         self.term_params = [p for _, params in self.distiller.term_parameters() for p in params]
         distributed.broadcast_state(self.distiller.term_state_dict())  # every rank starts from rank 0's state
+        if cfg.train.sync_bn:  # before DDP wraps the student, as DDP requires
+            distributed.sync_batchnorm(self.student, device)
         runner = distributed.wrap(self.student, device)  # DDP gives all ranks rank 0's weights
         self.ddp = runner if runner is not self.student else None
         # compiled for training steps only; weights, checkpoints and evaluation use the plain module

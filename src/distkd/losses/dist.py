@@ -22,10 +22,20 @@ activation and excluded from every sum, so they reach neither the value nor the 
 The two terms are computed by one autograd Function with an analytic first-order backward
 (``distkd.losses._relations``): no N x N or HW x HW matrix, a few input-sized buffers, and on the
 CPU cache-sized chunks. Second derivatives (double backward) are not supported.
+
+The intra term depends on which instances share a batch. The authors ran ImageNet on 8 GPUs with
+32 images each, so their intra term correlates each class over 32 images, and DDP then averages the
+8 GPUs' gradients. ``intra_group_size=32`` gives one process with the global batch of 256 the same
+loss: the batch is cut into consecutive groups of 32 samples (the leading dim), the intra term is the
+mean of the groups' intra terms (over the groups that keep an instance), and the inter term, per
+instance, is the mean over all kept instances as before (with equal groups and no mask, exactly the
+mean of the per-GPU losses). ``global_intra`` goes the other way (one group spanning every rank), so
+the two options exclude each other.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from distkd.errors import ConfigError
@@ -55,6 +65,9 @@ class DIST(nn.Module):
         tau: temperature (> 0).
         activation: ``"softmax"`` over classes, or ``"sigmoid"`` per class (sigmoid-trained heads).
         tau_squared: multiply by ``tau**2`` as the released code does (False: the paper's pseudocode).
+        intra_group_size: compute the intra-class term over consecutive groups of this many samples
+            of the batch and average it over the groups (the batch must divide into them); None: one
+            group, the whole local batch. ``32`` with a batch of 256 reproduces the authors' 8 GPUs.
         global_intra: compute the intra-class term over the global batch of all ranks of the
             default process group (the inter term is per instance, so it stays local). Each rank's
             gradient is then ``world_size`` times its share of the global term's gradient, so the
@@ -70,6 +83,7 @@ class DIST(nn.Module):
         activation: str = "softmax",
         tau_squared: bool = True,
         global_intra: bool = False,
+        intra_group_size: int | None = None,
     ) -> None:
         super().__init__()
         self.beta = check_non_negative("beta", beta)
@@ -80,12 +94,35 @@ class DIST(nn.Module):
         self.activation = activation
         self.tau_squared = check_flag("tau_squared", tau_squared)
         self.global_intra = check_flag("global_intra", global_intra)
+        if intra_group_size is not None:
+            if isinstance(intra_group_size, bool) or not isinstance(intra_group_size, int) or intra_group_size < 2:
+                raise ConfigError(f"intra_group_size must be an integer >= 2 (or null for the whole batch), got "
+                                  f"{intra_group_size!r}")
+            if global_intra:
+                raise ConfigError("DIST's global_intra (one intra group over every rank) and intra_group_size (groups "
+                                  "within the batch) exclude each other; set one of them")
+        self.intra_group_size = intra_group_size
 
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, activation={self.activation!r}, "
-            f"tau_squared={self.tau_squared}, global_intra={self.global_intra}"
+            f"tau_squared={self.tau_squared}, global_intra={self.global_intra}, "
+            f"intra_group_size={self.intra_group_size}"
         )
+
+    def probe(self, student: Tensor, teacher: Tensor, **context: object) -> None:
+        """Check, before training, that the batch divides into ``intra_group_size`` groups."""
+        self._groups(student.shape[0])
+
+    def _groups(self, batch: int) -> int:
+        size = self.intra_group_size
+        if size is None:
+            return 1
+        if batch % size:
+            raise ConfigError(f"DIST's intra_group_size={size} does not divide this process's batch of {batch} "
+                              f"samples; make the per-process batch (data.batch_size / processes) a multiple of "
+                              f"{size}, or change intra_group_size")
+        return batch // size
 
     def forward(
         self,
@@ -108,11 +145,34 @@ class DIST(nn.Module):
         """
         z_s, z_t = as_instances(student, teacher)
         keep = instance_mask(mask, student.shape)
-        inter, intra = relation_terms(
-            z_s, z_t, keep, tau=self.tau, activation=self.activation, global_batch=self.global_intra
-        )
+        groups = self._groups(z_s.shape[0])
+        if groups == 1:
+            inter, intra = relation_terms(
+                z_s, z_t, keep, tau=self.tau, activation=self.activation, global_batch=self.global_intra
+            )
+        else:
+            inter, intra = self._grouped_terms(z_s, z_t, keep, groups)
         scale = self.tau**2 if self.tau_squared else 1.0
         loss = scale * (self.beta * inter + self.gamma * intra)
         if return_parts:
             return loss, {"inter": inter.detach(), "intra": intra.detach()}
         return loss
+
+    def _grouped_terms(self, z_s: Tensor, z_t: Tensor, keep: Tensor | None, groups: int) -> tuple[Tensor, Tensor]:
+        """``(inter, intra)`` of ``(N, C, S)`` logits cut into ``groups`` groups along ``N``: inter the mean over
+        all kept instances (each group's mean weighted by its kept count), intra the mean over the groups that
+        keep an instance."""
+        size = z_s.shape[0] // groups
+        inters, intras, counts = [], [], []
+        for g in range(groups):
+            part = slice(g * size, (g + 1) * size)
+            k = None if keep is None else keep[part]
+            inter, intra = relation_terms(z_s[part], z_t[part], k, tau=self.tau, activation=self.activation)
+            inters.append(inter)
+            intras.append(intra)
+            counts.append(z_s.new_tensor(float(size * z_s.shape[2])) if k is None else k.sum().to(z_s.dtype))
+        count = torch.stack(counts)
+        inter = (torch.stack(inters) * count).sum() / count.sum().clamp_min(1.0)
+        with_instances = (count > 0).to(z_s.dtype)
+        intra = (torch.stack(intras) * with_instances).sum() / with_instances.sum().clamp_min(1.0)
+        return inter, intra

@@ -11,11 +11,19 @@ Head details follow the CIRKD/DIST segmentation code: ASPP rates 12/24/36 (outpu
 pooling, 0.5 dropout after the projection; PSP bins 1/2/3/6 with in/4 channels per bin; head width 128
 on 512-channel trunks and 256 on 2048-channel trunks; an auxiliary FCN head with in/4 channels and 0.1
 dropout.
+
+``seg_<head>_resnet{18,50,101}v1b`` use the authors' backbone (3x3 deep stem and CIRKD's dilation pattern,
+see :mod:`distkd.models.dilated_resnet`); their weight files load as they are: a backbone file (the
+authors' ImageNet-pretrained ``resnet18-imagenet.pth``) through ``backbone_weights``, and a whole
+checkpoint of their ``DeepLabV3``/``PSPNet`` classes (``pretrained.*``, ``head.aspp.*``/``head.psp.*``,
+``auxlayer.*`` keys, e.g. their Cityscapes teacher) through ``model.checkpoint``/``teacher.checkpoint``:
+:meth:`SegmentationNet.convert_state_dict` renames their keys to ours, one for one, and the load stays strict.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +144,22 @@ class SegmentationNet(nn.Module):
         self.head = head
         self.aux_head = aux_head
 
+    @staticmethod
+    def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with the keys of the authors' (CIRKD-based) DeepLabV3/PSPNet renamed to ours; a state in
+        our layout (no ``pretrained.*`` key) is returned as it is. Keys no rule renames are kept, so a strict
+        load still reports them."""
+        if not any(k.startswith("pretrained.") for k in state):
+            return state
+        out = {}
+        for key, value in state.items():
+            for pattern, replace in _AUTHOR_KEYS:
+                key, hits = pattern.subn(replace, key, count=1)
+                if hits:
+                    break
+            out[key] = value
+        return out
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         c3, c4 = self.backbone(x)
         out = {"out": self.head(c4)}
@@ -144,6 +168,24 @@ class SegmentationNet(nn.Module):
         return out
 
 
+# (their key prefix, ours) for the authors' segmentation classes (hunto/DIST_KD segmentation/models, after CIRKD)
+_AUTHOR_KEYS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), r) for p, r in (
+    (r"^pretrained\.", "backbone."),
+    (r"^head\.aspp\.b0\.", "head.context.branches.0."),
+    (r"^head\.aspp\.b([123])\.block\.", r"head.context.branches.\1."),
+    (r"^head\.aspp\.b4\.gap\.1\.", "head.context.branches.4.conv.0."),
+    (r"^head\.aspp\.b4\.gap\.2\.", "head.context.branches.4.conv.1."),
+    (r"^head\.aspp\.project\.", "head.context.project.0."),
+    (r"^head\.psp\.conv1\.", "head.context.branches.0.conv."),
+    (r"^head\.psp\.conv2\.", "head.context.branches.1.conv."),
+    (r"^head\.psp\.conv3\.", "head.context.branches.2.conv."),
+    (r"^head\.psp\.conv4\.", "head.context.branches.3.conv."),
+    (r"^head\.block\.([01])\.", r"head.fuse.0.\1."),
+    (r"^head\.block\.4\.", "head.classifier."),
+    (r"^auxlayer\.block\.([01])\.", r"aux_head.block.0.\1."),
+    (r"^auxlayer\.block\.4\.", "aux_head.classifier."),
+))
+
 HEADS: dict[str, type[DeepLabHead] | type[PSPHead]] = {"deeplabv3": DeepLabHead, "pspnet": PSPHead}
 
 
@@ -151,24 +193,29 @@ def build_segmentation_net(head: str, arch: str, num_classes: int, in_chans: int
                            pretrained_backbone: bool = False, backbone_weights: str | None = None,
                            base_width: int = 64, layers: tuple[int, int, int, int] | None = None,
                            head_width: int | None = None, output_stride: int = 8,
-                           aspp_rates: tuple[int, ...] = (12, 24, 36)) -> SegmentationNet:
+                           aspp_rates: tuple[int, ...] = (12, 24, 36), style: str = "torchvision") -> SegmentationNet:
     """Assemble ``head`` ("deeplabv3" | "pspnet") on the dilated ``arch`` backbone.
 
     ``backbone_weights`` (a local state_dict file) wins over ``pretrained_backbone`` (torchvision's
     ImageNet weights); both load the backbone strictly. ``head_width`` defaults to c4/4 for basic-block
     trunks (128 on ResNet-18) and c4/8 for bottleneck trunks (256 on ResNet-50/101). ``output_stride``
     (8, 4 or 2) sets the logits' resolution H/os; ``aspp_rates`` (DeepLabV3 only) suit stride 8 on
-    large images by default.
+    large images by default. ``style``: ``"torchvision"`` (7x7 stem) or ``"v1b"`` (the authors' deep stem;
+    torchvision's ImageNet weights do not fit it, so ``pretrained_backbone`` is refused: give their backbone
+    file as ``backbone_weights``).
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if head not in HEADS:
         raise UnknownNameError(f"unknown segmentation head '{head}'; known: {', '.join(HEADS)}")
     layers = tuple(layers) if layers is not None else None  # type: ignore[assignment]
-    backbone = dilated_resnet(arch, in_chans, base_width, layers, output_stride)
+    backbone = dilated_resnet(arch, in_chans, base_width, layers, output_stride, style)
     if backbone_weights is not None:
         load_backbone(backbone, read_state_dict(backbone_weights), f"'{backbone_weights}'")
     elif pretrained_backbone:
+        if style == "v1b":
+            raise ConfigError("torchvision's ImageNet weights have a 7x7 stem and do not fit the v1b (deep-stem) "
+                              "backbone; give the authors' ImageNet backbone file as backbone_weights: PATH")
         if base_width != 64 or layers is not None:
             raise ConfigError("ImageNet weights exist only for the standard widths and depths; "
                               "set pretrained_backbone: false for narrow backbones")
@@ -181,7 +228,8 @@ def build_segmentation_net(head: str, arch: str, num_classes: int, in_chans: int
 
 
 def _register_dilated() -> None:
-    """``seg_<head>_resnet{18,50,101}`` and the narrow ``seg_<head>_tiny`` (base width 4, one block per stage).
+    """``seg_<head>_resnet{18,50,101}`` (7x7 stem), ``seg_<head>_resnet{18,50,101}v1b`` (the authors') and the
+    narrow ``seg_<head>_tiny`` (base width 4, one block per stage).
 
     The tiny defaults make a ~30k-parameter student; ``base_width=16, layers=(2, 2, 2, 2)`` makes a
     ~0.85M-parameter teacher for the same 64x64 demo scenes. Their ASPP rates are 1/2/3: on the 8x8
@@ -191,6 +239,9 @@ def _register_dilated() -> None:
         for depth in (18, 50, 101):
             MODELS.register(f"seg_{head}_resnet{depth}")(
                 functools.partial(build_segmentation_net, head, f"resnet{depth}")
+            )
+            MODELS.register(f"seg_{head}_resnet{depth}v1b")(
+                functools.partial(build_segmentation_net, head, f"resnet{depth}", style="v1b")
             )
         MODELS.register(f"seg_{head}_tiny")(
             functools.partial(build_segmentation_net, head, "resnet18", base_width=4, layers=(1, 1, 1, 1),

@@ -31,8 +31,10 @@ def load_weights(
 ) -> None:
     """Copy the weights in ``source`` (a checkpoint path or a state_dict) into ``model`` in place.
 
-    ``strict=True``: every model key must be present with the same shape and no extra key may be left
-    over, otherwise one ``CheckpointError`` lists the missing, unexpected and mis-shaped keys.
+    A model with a ``convert_state_dict(state) -> state`` method renames keys of another layout first
+    (e.g. the DIST authors' segmentation checkpoints). ``strict=True``: every model key must be present with
+    the same shape and no extra key may be left over, otherwise one ``CheckpointError`` lists the missing,
+    unexpected and mis-shaped keys.
     ``strict=False``: load the keys whose names and shapes match and warn about the rest (e.g. a
     backbone checkpoint whose classifier has another number of classes). ``origin`` names the source in
     messages (default: the path, or "the given state_dict").
@@ -41,6 +43,9 @@ def load_weights(
         origin = "the given state_dict" if isinstance(source, Mapping) else f"checkpoint '{os.fspath(source)}'"
     raw = source if isinstance(source, Mapping) else _read(Path(source))
     state = _strip_prefixes(extract_state_dict(raw, origin))
+    convert = getattr(model, "convert_state_dict", None)  # a model that reads another code base's key layout
+    if callable(convert):
+        state = convert(state)
     missing, unexpected, mismatched = _compare(model, state)
     problems = _describe(missing, unexpected, mismatched)
     if problems and strict:

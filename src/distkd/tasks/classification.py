@@ -32,6 +32,7 @@ from distkd.tasks.common import (
     check_data_options,
     check_input,
     eval_shard,
+    process_batches,
 )
 
 DATASETS: Registry[object] = Registry("classification dataset")
@@ -84,6 +85,7 @@ def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, L
     """
     channels_last = cfg.train.channels_last
     rank, world = distributed.rank(), distributed.world_size()
+    train_batch, eval_batch = process_batches(cfg.data)
 
     def sharding(train: bool) -> dict[str, int]:
         return {"rank": rank, "world_size": world, "seed": cfg.seed} if train else {"seed": cfg.seed}
@@ -91,7 +93,7 @@ def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, L
     if isinstance(data, InMemoryData):
         def make(split, train: bool) -> TensorLoader:  # noqa: ANN001
             return TensorLoader(
-                split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
+                split, batch_size=train_batch if train else eval_batch,
                 mean=data.mean, std=data.std, device=device, shuffle=train, drop_last=train,
                 augment=CropFlip(cfg.data.crop_padding, cfg.data.flip) if train else None,
                 channels_last=channels_last, **sharding(train),
@@ -101,7 +103,7 @@ def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, L
 
         def make(split, train: bool) -> FileLoader:  # noqa: ANN001
             return FileLoader(
-                split, batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size, shuffle=train,
+                split, batch_size=train_batch if train else eval_batch, shuffle=train,
                 drop_last=train, num_workers=cfg.data.num_workers, num_classes=data.num_classes,
                 mixup=data.preset.mixup if train else None, device=device, channels_last=channels_last,
                 **sharding(train),

@@ -77,6 +77,13 @@ def check_data_options(cfg: DataConfig, uses: Iterable[str]) -> None:
             raise ConfigError(f"data.{option} is not used by dataset '{cfg.name}' (it reads {reads}); remove it")
 
 
+def process_batches(cfg: DataConfig) -> tuple[int, int]:
+    """``(train, eval)`` batch of this process: ``data.batch_size`` and ``data.eval_batch_size`` are global
+    batches, shared by the processes (training: evenly, or a ConfigError; evaluation: rounded up)."""
+    world = distributed.world_size()
+    return distributed.process_batch(cfg.batch_size, world), distributed.process_eval_batch(cfg.eval_batch_size, world)
+
+
 def _keys(key: str | list[str]) -> list[str]:
     return key if isinstance(key, list) else [key]
 
