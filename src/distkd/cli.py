@@ -1,4 +1,4 @@
-"""The ``distkd`` command line: train, eval, demo, compare, cache, models, configs, reproduce, bench.
+"""The ``distkd`` command line: train, eval, export, predict, demo, compare, cache, models, configs, reproduce, bench.
 
 Errors distkd raises on purpose are printed as one line (``error: ...``) with exit status 2.
 """
@@ -50,6 +50,16 @@ def _eval(args: argparse.Namespace) -> None:
     from distkd.api import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, scales=args.scales, flip=args.flip), indent=2))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from distkd.export import export
+
+    info = export(args.source, args.format, args.out, last=args.last, ema=args.ema)
+    check = info["check"]
+    print(f"exported {info['source']['weights']} weights of {info['source']['checkpoint']} as {args.format}: "
+          f"{info['path']} (+ {info['sidecar']}); checked on {check['inputs']}: max |logit difference| "
+          f"{check['max_abs_difference']:.3g} (allowed {check['tolerance']:.3g})")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -128,7 +138,10 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distkd import __version__
+
     parser = argparse.ArgumentParser(prog="distkd", description="Knowledge distillation from a stronger teacher.")
+    parser.add_argument("--version", action="version", version=f"distkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a teacher (no distillation terms) or a student (with a teacher)")
@@ -146,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "reported protocol)")
     p.add_argument("--flip", action="store_true", help="segmentation: also average over mirrored inputs")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="write a run's student alone (state_dict, safetensors, torchscript, onnx) with "
+                       "its class names and preprocessing in a JSON beside it")
+    p.add_argument("source", help="a run folder (its checkpoints/best.pt) or a distkd checkpoint")
+    p.add_argument("--format", required=True, choices=("state_dict", "safetensors", "torchscript", "onnx"))
+    p.add_argument("--out", help="output file (default <run>/export/student.<ext>)")
+    p.add_argument("--last", action="store_true", help="the run's last checkpoint instead of the best on val")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (runs with train.ema_decay)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
     p.add_argument("--task", choices=("classification", "segmentation"), default="classification")

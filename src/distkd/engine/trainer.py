@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,7 +54,11 @@ Evaluate = Callable[[nn.Module, Loader], dict[str, float]]
 
 @dataclass
 class TrainSetup:
-    """What a task builds for the trainer. ``metric`` (higher is better) selects the best checkpoint on val."""
+    """What a task builds for the trainer. ``metric`` (higher is better) selects the best checkpoint on val.
+
+    ``meta``: what a deployed model needs to know (class names, preprocessing), stored in every checkpoint.
+    ``test_is_val``: the test split is the val split itself (the report says so).
+    """
 
     distiller: Distiller
     train: Loader
@@ -62,6 +66,8 @@ class TrainSetup:
     test: Loader | None
     evaluate: Evaluate
     metric: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    test_is_val: bool = False
 
 
 EXTREME_GRAD_NORM = 100.0  # at the first step; cross-entropy and KD give about 1 on fresh students
@@ -301,6 +307,7 @@ class Trainer:
                                    "best_val": self.best["value"], "teacher_val": teacher_val, **self._sizes()}
         summary["last_val"] = self.setup.evaluate(self.student, self.setup.val)[metric]
         if test is not None:
+            summary["test_is_val"] = self.setup.test_is_val
             summary["last_test"] = self.setup.evaluate(self.student, test)[metric]
             last_weights = {k: v.clone() for k, v in self.student.state_dict().items()}
             # rank 0 reads best.pt and sends it: the other machines need not see its file system
@@ -332,6 +339,7 @@ class Trainer:
             "step": self.step,
             "best": self.best,
             "config": to_dict(self.cfg),
+            "meta": self.setup.meta,  # class names and preprocessing: eval, export and predict need nothing else
         }
         if not weights_only:
             state |= {
@@ -479,8 +487,13 @@ def _report(cfg: RunConfig, summary: dict[str, Any]) -> str:
     for key in ("best_val", "best_test", "last_val", "last_test", "ema_last_test"):
         if key in summary:
             lines.append(f"| {key} | {summary[key]:.4f} |")
+    if summary.get("test_is_val"):
+        selection = ("the dataset has no separate test split: the test figures are the val figures, on the very "
+                     "images the best checkpoint was selected on")
+    else:
+        selection = "test is never used to select" if "best_test" in summary else "there is no test split"
     lines += ["", f"best on val: epoch {summary['best_epoch']} of {summary['epochs']}, step {summary['best_step']} of "
-              f"{summary['steps']} (test is never used to select).",
+              f"{summary['steps']} ({selection}).",
               _sizes_line(summary) + "."]
     if summary.get("teacher_val"):
         lines.append(f"teacher on val: {_format(summary['teacher_val'])}")

@@ -130,7 +130,15 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     check_input(student, val, "model")
     if cfg.teacher_cache.views > 0:
         train = _cached(cfg, distiller, train, device)
-    return TrainSetup(distiller, train, val, test, evaluate, metric="top1")
+    return TrainSetup(distiller, train, val, test, evaluate, metric="top1", meta=metadata(data),
+                      test_is_val=data.test_is_val)
+
+
+def metadata(data) -> dict:  # noqa: ANN001 - InMemoryData or FileData
+    """What a checkpoint of a model trained on ``data`` stores for deployment: class names (label order) and the
+    evaluation preprocessing (:class:`~distkd.data.preprocess.Preprocess` as a dict)."""
+    classes = data.classes or tuple(str(i) for i in range(data.num_classes))
+    return {"task": "classification", "classes": list(classes), "preprocess": data.preprocess.to_dict()}
 
 
 def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.device) -> Loader:
