@@ -64,7 +64,7 @@ def test_eval_prints_json_metrics_of_a_checkpoint(
     run_dir, summary = teacher_run
     assert main(["eval", str(run_dir / "checkpoints" / "last.pt"), "--split", "test"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) == {"top1", "top5", "loss"}
+    assert set(metrics) == {"split", "top1", "top5", "loss"} and metrics["split"] == "test"
     assert metrics["top1"] == summary["last_test"]
     assert main(["eval", str(run_dir / "checkpoints" / "best.pt")]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == summary["best_val"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import os
@@ -12,11 +13,11 @@ from typing import Any
 
 import torch
 
-from distkd.config import RunConfig, ScheduleConfig, from_dict, to_dict
+from distkd.config import RunConfig, ScheduleConfig, apply_overrides, from_dict, to_dict
 from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state
 from distkd.engine.trainer import Trainer, seed_everything
-from distkd.errors import CheckpointError, ConfigError
+from distkd.errors import CheckpointError, ConfigError, DataError
 from distkd.models.weights import load_weights
 from distkd.tasks import get_task
 from distkd.tasks.common import build_model
@@ -137,31 +138,42 @@ def _remove_unfinished_run(run_dir: Path) -> None:
 
 
 def evaluate_checkpoint(path: str | Path, split: str = "val", scales: Sequence[float] | None = None,
-                        flip: bool = False) -> dict[str, float]:
+                        flip: bool = False, overrides: Sequence[str] = (), per_class: bool = False) -> dict[str, Any]:
     """The task's metrics (top-1/top-5, or mIoU) of a distkd checkpoint (best.pt or last.pt) on ``split``;
-    ``scales``/``flip``: multi-scale and flip evaluation (segmentation, see :func:`evaluate_config`)."""
+    ``overrides``: dotted ``key=value`` changes to its saved config (e.g. ``data.root=OTHER`` evaluates it on
+    another image folder with the same classes); ``scales``/``flip``/``per_class``: see :func:`evaluate_config`."""
     state = load_state(Path(path))
     if "config" not in state:
         raise CheckpointError(f"{path} holds no run config to rebuild its model and data from; evaluate it with a "
                               "config: distkd eval CONFIG model.checkpoint=PATH")
+    raw = copy.deepcopy(state["config"])
     try:
-        cfg = from_dict(RunConfig, state["config"])
+        cfg = from_dict(RunConfig, apply_overrides(raw, overrides))
     except ConfigError as exc:
+        if overrides:
+            raise
         raise CheckpointError(f"{path}: its saved config is not valid for this distkd version ({exc})") from None
-    return evaluate_config(cfg, split, weights=state["model"], origin=f"checkpoint '{path}'", scales=scales, flip=flip)
+    return evaluate_config(cfg, split, weights=state["model"], origin=f"checkpoint '{path}'", scales=scales, flip=flip,
+                           per_class=per_class, classes=(state.get("meta") or {}).get("classes"))
 
 
 def evaluate_config(cfg: RunConfig, split: str = "val", weights: dict[str, Any] | None = None,
-                    origin: str = "", scales: Sequence[float] | None = None, flip: bool = False) -> dict[str, float]:
+                    origin: str = "", scales: Sequence[float] | None = None, flip: bool = False,
+                    per_class: bool = False, classes: Sequence[str] | None = None) -> dict[str, Any]:
     """The metrics on ``split`` of the model ``cfg`` describes, with ``weights`` (a state_dict) or, without them,
     the weights ``model.checkpoint`` names (plain state dicts of timm, torchvision or other tools load too).
 
     ``scales`` (e.g. 0.5 0.75 1.0 1.25 1.5 1.75) and ``flip`` average the predictions over rescaled and mirrored
     inputs, for tasks whose ``evaluate`` takes them (segmentation); None/False: the single-scale evaluation.
+    ``per_class`` (classification): add each class's top-1 accuracy and the confusion matrix (rows: true class,
+    columns: predicted). ``classes``: the class names the weights were trained for (from their checkpoint); a
+    dataset with other classes is refused, as its labels would not mean the same.
     """
     if weights is None and cfg.model.checkpoint is None:
         raise ConfigError("nothing to evaluate: the config names no weights; set model.checkpoint=PATH")
-    cfg = dataclasses.replace(cfg, teacher=None, loss=dataclasses.replace(cfg.loss, distill=[]))
+    # no teacher; evaluation never draws a training batch: a small even one (mixup) lets small folders be evaluated
+    cfg = dataclasses.replace(cfg, teacher=None, loss=dataclasses.replace(cfg.loss, distill=[]),
+                              data=dataclasses.replace(cfg.data, batch_size=2 * distributed.world_size()))
     task = get_task(cfg.task)
     options: dict[str, Any] = {}
     if scales is not None or flip:
@@ -169,8 +181,15 @@ def evaluate_config(cfg: RunConfig, split: str = "val", weights: dict[str, Any] 
             raise ConfigError(f"--scales/--flip (multi-scale and flip evaluation) are for segmentation; task "
                               f"'{cfg.task}' evaluates each image once")
         options = {"scales": tuple(scales) if scales is not None else (1.0,), "flip": flip}
+    if per_class and not hasattr(task, "confusion_matrix"):
+        raise ConfigError(f"--per-class (per-class accuracy, confusion matrix) is for classification, not task "
+                          f"'{cfg.task}'")
     device = _device(cfg.train)
     data = task.load_dataset(cfg.data, cfg.seed)
+    names = list(getattr(data, "classes", None) or [str(i) for i in range(data.num_classes)])
+    if classes is not None and list(classes) != names:
+        raise DataError(f"the dataset has other classes ({_listing(names)}) than the model was trained for "
+                        f"({_listing(list(classes))}); give a dataset with the same class folders")
     loaders = dict(zip(("train", "val", "test"), task.build_loaders(cfg, data, device), strict=True))
     if loaders.get(split) is None:
         raise ConfigError(f"dataset '{cfg.data.name}' has no '{split}' split; use --split val")
@@ -182,7 +201,18 @@ def evaluate_config(cfg: RunConfig, split: str = "val", weights: dict[str, Any] 
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return task.evaluate(model, loaders[split], **options)
+    metrics: dict[str, Any] = task.evaluate(model, loaders[split], **options)
+    if per_class:
+        matrix = task.confusion_matrix(model, loaders[split], data.num_classes)
+        totals = matrix.sum(dim=1).clamp(min=1)
+        metrics["per_class_top1"] = dict(zip(names, (100 * matrix.diag() / totals).tolist(), strict=True))
+        metrics["confusion"] = {"rows": "true class", "columns": "predicted class", "classes": names,
+                                "matrix": matrix.tolist()}
+    return metrics
+
+
+def _listing(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _check_same_config(cfg: RunConfig, last: Path) -> None:

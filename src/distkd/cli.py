@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from distkd.config import bundled_configs, resolve_config_path
-from distkd.errors import ConfigError, DistkdError
+from distkd.errors import DistkdError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -36,20 +36,21 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
     if args.checkpoint.endswith((".yaml", ".yml")):  # a config whose model.checkpoint names the weights
         from distkd.config import load_config
 
-        cfg = load_config(args.checkpoint, args.overrides)  # config errors come before torch loads
+        cfg = load_config(args.checkpoint, overrides)  # config errors come before torch loads
 
         from distkd.api import evaluate_config
 
-        print(json.dumps(evaluate_config(cfg, args.split, scales=args.scales, flip=args.flip), indent=2))
-        return
-    if args.overrides:
-        raise ConfigError("key=value overrides go with a config: distkd eval CONFIG model.checkpoint=PATH ...")
-    from distkd.api import evaluate_checkpoint
+        metrics = evaluate_config(cfg, args.split, scales=args.scales, flip=args.flip, per_class=args.per_class)
+    else:
+        from distkd.api import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, scales=args.scales, flip=args.flip), indent=2))
+        metrics = evaluate_checkpoint(args.checkpoint, args.split, scales=args.scales, flip=args.flip,
+                                      overrides=overrides, per_class=args.per_class)
+    print(json.dumps({"split": args.split, **({"data": args.data} if args.data else {}), **metrics}, indent=2))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -60,6 +61,13 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {info['source']['weights']} weights of {info['source']['checkpoint']} as {args.format}: "
           f"{info['path']} (+ {info['sidecar']}); checked on {check['inputs']}: max |logit difference| "
           f"{check['max_abs_difference']:.3g} (allowed {check['tolerance']:.3g})")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from distkd.predict import format_table, predict
+
+    results = predict(args.source, args.images, top_k=args.top_k)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -150,10 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run's checkpoints/last.pt")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset, or a config's model.checkpoint weights")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset (or another), or a config's "
+                       "model.checkpoint weights")
     p.add_argument("checkpoint", help="a distkd checkpoint (best.pt, last.pt), or a YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="with a config: e.g. model.checkpoint=PATH")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the checkpoint's saved config or to "
+                   "the config, e.g. data.root=OTHER or model.checkpoint=PATH")
     p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--data", metavar="ROOT", help="evaluate on this dataset root instead (an image folder with the "
+                   "same classes; the same as data.root=ROOT)")
+    p.add_argument("--per-class", action="store_true", help="classification: also each class's top-1 and the "
+                   "confusion matrix (rows: true class, columns: predicted)")
     p.add_argument("--scales", type=float, nargs="+", metavar="S", help="segmentation: average the predictions "
                    "over these input scales (e.g. 0.5 0.75 1.0 1.25 1.5 1.75; default: 1.0 alone, the authors' "
                    "reported protocol)")
@@ -168,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", action="store_true", help="the run's last checkpoint instead of the best on val")
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (runs with train.ema_decay)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="top-k classes of image files, from a run, a checkpoint or an exported file")
+    p.add_argument("source", help="an exported file (with its .json beside it), a run folder or a distkd checkpoint")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
     p.add_argument("--task", choices=("classification", "segmentation"), default="classification")

@@ -260,9 +260,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read ``path`` (a YAML file or a bundled name, with ``base:`` inheritance), apply ``overrides``, validate
     into a RunConfig."""
     raw = _read_yaml(resolve_config_path(path)) if path is not None else {}
+    return from_dict(RunConfig, apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to the plain config ``raw`` in place; return it."""
     for item in overrides:
         _apply_override(raw, item)
-    return from_dict(RunConfig, raw)
+    return raw
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def export(source: str | Path, fmt: str, out: str | Path | None = None, *, last:
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
     if fmt == "onnx":
-        _require_onnx()
+        require_onnx()
     student = load_student(source, last=last, ema=ema)
     path = Path(out) if out is not None else default_output(student, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def _write_onnx(student: Student, path: Path, x: Tensor, info: dict[str, Any]) -
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]).float()
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
     missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if not _importable(name)]
     if missing:
         raise ExportError(f"the onnx format needs {', '.join(missing)} (not installed); pip install "

@@ -248,3 +248,16 @@ def evaluate(model: nn.Module, loader: Loader) -> dict[str, float]:
     model.train(was_training)
     top1, top5, loss, count = distributed.sum_tensor(totals).tolist()
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count}
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, loader: Loader, num_classes: int) -> Tensor:
+    """int64 (K, K) counts over all processes: row = true class, column = predicted (top-1) class."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for batch in loader:
+        predicted = logits_of(model(batch.inputs)).argmax(dim=1)
+        counts += torch.bincount((batch.target * num_classes + predicted).cpu(), minlength=num_classes ** 2)
+    model.train(was_training)
+    return distributed.sum_tensor(counts).view(num_classes, num_classes)
