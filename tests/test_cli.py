@@ -80,3 +80,22 @@ def test_resume_with_another_config_is_refused_naming_the_key(
     err = capsys.readouterr().err
     assert err.startswith("error: cannot resume ") and "config differs in train.epochs" in err
     assert err.count("\n") == 1
+
+
+def test_train_resumes_a_run_folder_with_its_saved_config_even_moved(
+    teacher_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    run_dir, summary = teacher_run
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(run_dir, moved)
+    assert main(["train", str(moved)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {moved} is a run folder: add --resume to continue it with its saved config, or give a " \
+                  "config file to start a new run\n"
+    assert main(["train", str(moved), "train.progress=lines", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"run folder: {moved}\n") and f"resumed from {moved}/checkpoints/last.pt" in out
+    assert out.count('"best_val"') == 1 and out.rstrip().endswith(f"report: {moved / 'report.md'}")
+    assert json.loads((moved / "summary.json").read_text()) == summary  # the finished run, read where it lies now

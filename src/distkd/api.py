@@ -219,7 +219,7 @@ def _check_same_config(cfg: RunConfig, last: Path) -> None:
     """Resuming with another config would silently mix two experiments: refuse, naming the differences."""
     saved = load_state(last)["config"]
     # where the run lives and how it is computed, not what it computes: a run may move, or resume on another device
-    ignored = {"train.progress", "out_dir", "train.threads", "train.device"}
+    ignored = {"train.progress", "out_dir", "name", "train.threads", "train.device"}
     diffs = [k for k in _diff(saved, to_dict(cfg)) if k not in ignored]
     if diffs:
         raise ConfigError(f"cannot resume {last}: the config differs in {', '.join(diffs[:5])}; "

@@ -12,13 +12,16 @@ import sys
 from pathlib import Path
 
 from distkd.config import bundled_configs, resolve_config_path
-from distkd.errors import DistkdError
+from distkd.errors import ConfigError, DistkdError
 
 
 def _train(args: argparse.Namespace) -> None:
     from distkd.config import load_config
 
-    cfg = load_config(resolve_config_path(args.config), args.overrides)  # config errors come before torch loads
+    cfg = load_config(*_train_config(args))  # config errors come before torch loads
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank returns the same summary
+    if main_rank:
+        print(f"run folder: {cfg.run_dir}", flush=True)
 
     from distkd.api import train
 
@@ -31,8 +34,25 @@ def _train(args: argparse.Namespace) -> None:
             advice = "it stopped before its first checkpoint: run the same command again to start it over"
         print(f"interrupted; {advice}", file=sys.stderr)
         raise SystemExit(130) from None
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same summary
+    if main_rank:
         print(json.dumps(summary, indent=2))
+        print(f"report: {cfg.run_dir / 'report.md'}")
+
+
+def _train_config(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The config file and overrides of ``distkd train``: a run folder given with --resume continues with its saved
+    config (where it now lies), and the overrides given now on top."""
+    folder = Path(args.config)
+    if not folder.is_dir():
+        return resolve_config_path(args.config), args.overrides
+    if not args.resume:
+        raise ConfigError(f"{folder} is a run folder: add --resume to continue it with its saved config, or give a "
+                          "config file to start a new run")
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"{folder} holds no config.yaml, so it is not a run folder; give the folder `distkd train` "
+                          "printed as 'run folder', or a config file")
+    where = [f"out_dir={folder.resolve().parent}", f"name={folder.resolve().name}"]
+    return folder / "config.yaml", [*where, *args.overrides]
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -153,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a teacher (no distillation terms) or a student (with a teacher)")
-    p.add_argument("config", help="YAML file, or a bundled name from `distkd configs`")
+    p.add_argument("config", help="YAML file, or a bundled name from `distkd configs`, or with --resume a run folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.05")
-    p.add_argument("--resume", action="store_true", help="continue the run's checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run's checkpoints/last.pt (given a run "
+                   "folder: with its saved config)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset (or another), or a config's "

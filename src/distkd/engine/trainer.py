@@ -321,7 +321,6 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             (self.run_dir / "report.md").write_text(_report(self.cfg, summary))
-            self.progress.message(f"summary: {json.dumps(summary)}")
         return summary
 
     # ------------------------------------------------------------------ checkpoints
