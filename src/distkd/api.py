@@ -20,7 +20,7 @@ from distkd.engine.trainer import Trainer, seed_everything
 from distkd.errors import CheckpointError, ConfigError, DataError
 from distkd.models.weights import load_weights
 from distkd.tasks import get_task
-from distkd.tasks.common import build_model
+from distkd.tasks.common import build_model, resolve_teacher
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
@@ -29,6 +29,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     With a ``pretrain`` stage, that stage runs first in ``<run_dir>/pretrain`` (see :func:`pretrain_config`; a
     resume continues whichever stage was running) and the main run starts from its last student and term state.
     """
+    cfg = resolve_teacher(cfg)  # before the config is compared and saved: the teacher's recorded model name
     device = _device(cfg.train)
     try:
         if cfg.pretrain is None:
@@ -101,6 +102,7 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
     Under torchrun every process builds its share of an image-folder cache's shards."""
     if cfg.teacher_cache.views == 0:
         raise ConfigError("the config has no teacher cache (teacher_cache.views is 0); set teacher_cache.views=K")
+    cfg = resolve_teacher(cfg)
     device = _device(cfg.train)
     try:
         task = get_task(cfg.task)

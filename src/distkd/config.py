@@ -32,11 +32,28 @@ def _check(minimum: float | None = None, maximum: float | None = None, exclusive
 
 @dataclass
 class ModelConfig:
-    """A model by registry name; ``checkpoint`` loads its weights strictly (required for a teacher)."""
+    """A model by registry name. ``checkpoint``: trained weights for this very model, loaded strictly (a teacher
+    needs them). ``weights``: pretrained weights to start from (a timm, torchvision or other state dict file): all
+    load strictly except the classifier, which is dropped by name when it does not fit the dataset's classes (a new
+    head). Hub weights instead: ``kwargs: {pretrained: true}`` (``timm_*``/``tv_*``, needs network access)."""
 
     name: str = "small_cnn3_w4"
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and self.weights is not None:
+            raise ConfigError("config: give a model either checkpoint (its trained weights) or weights (pretrained "
+                              "weights to start from), not both")
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: as a model, but ``name`` may be left out when ``checkpoint`` is a distkd checkpoint, which
+    records the model it holds (its run's ``model.name`` and ``model.kwargs``)."""
+
+    name: str | None = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -207,7 +224,7 @@ class RunConfig:
     seed: int = field(default=0, metadata=_check(0, 2**63 - 1))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     loss: LossConfig = field(default_factory=LossConfig)
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

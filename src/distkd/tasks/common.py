@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,26 +16,65 @@ from distkd.distill import Term
 from distkd.distill.transforms import get_transform
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader
-from distkd.errors import ConfigError, first_line
+from distkd.errors import CheckpointError, ConfigError, first_line
 from distkd.losses import build_loss
 from distkd.models import create_model
-from distkd.models.weights import load_weights
+from distkd.models.weights import load_pretrained, load_weights
 
 
 def build_model(cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
-    """Create ``cfg.name`` and, when ``cfg.checkpoint`` is set, load its weights strictly.
+    """Create ``cfg.name`` and load ``cfg.checkpoint`` strictly, or start from ``cfg.weights`` (pretrained, with a
+    new head when the classes differ: the dropped classifier keys are printed).
 
-    A teacher needs trained weights: a checkpoint, or hub weights (``kwargs.pretrained: true``).
+    A teacher needs trained weights: a checkpoint, or hub weights (``kwargs.pretrained: true``), or pretrained
+    weights whose classifier fits.
     """
+    key = "teacher" if role == "teacher" else "model"
+    if cfg.weights is not None and cfg.kwargs.get("pretrained"):
+        raise ConfigError(f"{key}.weights and {key}.kwargs.pretrained=true both give pretrained weights; keep one")
     model = create_model(cfg.name, num_classes=num_classes, **cfg.kwargs)
     if cfg.checkpoint is not None:
-        load_weights(model, cfg.checkpoint)
+        load_weights(model, cfg.checkpoint, origin=f"{key}.checkpoint '{cfg.checkpoint}'")
+    elif cfg.weights is not None:
+        dropped = load_pretrained(model, cfg.weights, f"{key}.weights")
+        if dropped and role == "teacher":
+            raise ConfigError(f"teacher.weights: the classifier of {cfg.weights} does not fit {num_classes} classes, "
+                              "so the teacher's head would be untrained; fine-tune it first (distkd train with "
+                              "model.weights=...) and give its run's best.pt as teacher.checkpoint")
+        if dropped and distributed.is_main():
+            shapes = ", ".join(f"{k} {shape}" for k, shape in dropped.items())
+            print(f"{key}.weights: loaded {cfg.weights} except its classifier ({shapes}): a new {num_classes}-class "
+                  "head, initialised afresh", flush=True)
     elif role == "teacher" and not cfg.kwargs.get("pretrained"):
         raise ConfigError(
             "teacher.checkpoint is required (or teacher.kwargs.pretrained=true for hub weights): train the teacher "
             "first (distkd train with no teacher) and pass teacher.checkpoint=RUN_DIR/checkpoints/best.pt"
         )
     return model
+
+
+def resolve_teacher(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``teacher.name`` (and, when not given, ``teacher.kwargs``) filled in from ``teacher.checkpoint``
+    when the config leaves the name out: a distkd checkpoint records the model of its run."""
+    teacher = cfg.teacher
+    if teacher is None or teacher.name is not None:
+        return cfg
+    if teacher.checkpoint is None:
+        raise ConfigError("teacher.name is required (e.g. teacher.name=timm_resnet50) unless teacher.checkpoint is a "
+                          "distkd checkpoint, which records its model")
+    from distkd.engine.checkpoint import load_state
+
+    try:
+        model = load_state(Path(teacher.checkpoint))["config"]["model"]
+    except (CheckpointError, KeyError, TypeError):
+        raise ConfigError(f"teacher.name is required: teacher.checkpoint {teacher.checkpoint} is not a distkd "
+                          "checkpoint that records its model; set teacher.name (and teacher.kwargs) to the model it "
+                          "holds") from None
+    kwargs = teacher.kwargs or {k: v for k, v in model.get("kwargs", {}).items() if k != "pretrained"}
+    if distributed.is_main():
+        arguments = f" {kwargs}" if kwargs else ""
+        print(f"teacher: {model['name']}{arguments} (recorded in {teacher.checkpoint})", flush=True)
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(teacher, name=model["name"], kwargs=kwargs))
 
 
 def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module | None, list[Term]]:
