@@ -103,3 +103,17 @@ def test_eval_on_another_folder_with_data(folder_run, tmp_path, capsys, image_fo
     err = capsys.readouterr().err
     assert err.startswith("error: the dataset has other classes (ant, bee, dog) than the model was trained for")
     assert err.count("\n") == 1
+
+
+def test_image_size_and_workers_default_to_the_images_and_the_cores(folder_run, capsys) -> None:
+    import os
+
+    from distkd.config import DataConfig
+    from distkd.tasks.common import data_workers
+
+    folder, _, _ = folder_run  # 46x40 images: the shorter side is 40, x 0.875 = 35, a multiple of 8 below: 32
+    data = load_imagefolder(str(folder))
+    assert data.preprocess.size == (32, 32) and data.preprocess.resize == 36  # 36 <= 40: never upscaled
+    assert capsys.readouterr().out.startswith("data.image_size: 32 (the training images' median shorter side 40")
+    assert data_workers(DataConfig()) == min(4, len(os.sched_getaffinity(0)))
+    assert data_workers(DataConfig(num_workers=3)) == 3

@@ -111,8 +111,10 @@ class DataConfig:
     flip: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra reader arguments (e.g. scene counts)
     preset: str = "b1"
-    image_size: int = field(default=224, metadata=_check(1))
-    num_workers: int = field(default=4, metadata=_check(0))
+    # image folders: the models' input size; null: from the training images (their median shorter side x 0.875,
+    # so evaluation's resize does not upscale them), at most 224
+    image_size: int | None = field(default=None, metadata=_check(1))
+    num_workers: int | None = field(default=None, metadata=_check(0))  # file datasets; null: min(4, CPU cores)
     skip_unreadable: bool = False  # image folders: leave out files that cannot be decoded (counted, not silent)
 
 

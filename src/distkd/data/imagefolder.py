@@ -152,7 +152,7 @@ def _drop_unreadable(folder: ImageFolder, where: Path) -> None:
 
 
 def load_imagefolder(
-    root: str, *, preset: str = "b1", image_size: int = 224, val_size: int = 0, seed: int = 0,
+    root: str, *, preset: str = "b1", image_size: int | None = None, val_size: int = 0, seed: int = 0,
     skip_unreadable: bool = False,
 ) -> FileData:
     """Scan ``<root>/train``, ``<root>/val`` (and ``<root>/test`` when present) and pair them with the
@@ -171,7 +171,7 @@ def load_imagefolder(
     the unreadable ones out, with a count.
     """
     spec = get_preset(preset)
-    if image_size < 1:
+    if image_size is not None and image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
     base = Path(root).expanduser()
     for part in ("train", "val"):
@@ -187,6 +187,8 @@ def load_imagefolder(
                 f"{base}: train/ and {part}/ must have the same class folders; only in train/: {only_train[:5]}, "
                 f"only in {part}/: {only_other[:5]}"
             )
+    if image_size is None:
+        image_size = auto_image_size(train_folder)
     mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
     train_tf = spec.train_transform(image_size, mean, std)
     preprocess = Preprocess(channels=3, size=(image_size, image_size), resize=math.floor(image_size / EVAL_CROP_PCT),
@@ -213,6 +215,26 @@ def load_imagefolder(
         preset=spec,
         preprocess=preprocess,
     )
+
+
+MAX_AUTO_SIZE = 224
+AUTO_SAMPLE = 200
+
+
+def auto_image_size(folder: ImageFolder) -> int:
+    """The input size for images like ``folder``'s: their median shorter side (over up to ``AUTO_SAMPLE`` files
+    spread over the listing, headers only) x 0.875, so that evaluation's resize to size / 0.875 does not upscale,
+    rounded down to a multiple of 8, between 8 and ``MAX_AUTO_SIZE``. Says what it chose."""
+    samples = folder.samples[:: max(1, len(folder.samples) // AUTO_SAMPLE)]
+    sides = []
+    for path, _ in samples:
+        with Image.open(path) as image:
+            sides.append(min(image.size))
+    median = sorted(sides)[len(sides) // 2]
+    size = max(8, min(MAX_AUTO_SIZE, math.floor(median * EVAL_CROP_PCT) // 8 * 8))
+    print(f"data.image_size: {size} (the training images' median shorter side {median} x {EVAL_CROP_PCT}, rounded "
+          f"down to a multiple of 8, at most {MAX_AUTO_SIZE}); set data.image_size to choose", flush=True)
+    return size
 
 
 class MixCollate:

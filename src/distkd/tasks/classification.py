@@ -31,6 +31,7 @@ from distkd.tasks.common import (
     build_teacher_and_terms,
     check_data_options,
     check_input,
+    data_workers,
     eval_shard,
     process_batches,
 )
@@ -104,7 +105,7 @@ def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, L
         def make(split, train: bool) -> FileLoader:  # noqa: ANN001
             return FileLoader(
                 split, batch_size=train_batch if train else eval_batch, shuffle=train,
-                drop_last=train, num_workers=cfg.data.num_workers, num_classes=data.num_classes,
+                drop_last=train, num_workers=data_workers(cfg.data), num_classes=data.num_classes,
                 mixup=data.preset.mixup if train else None, device=device, channels_last=channels_last,
                 **sharding(train),
             )
@@ -210,7 +211,7 @@ def _cached_files(cfg: RunConfig, train: Loader, record: dict, teacher_fn: Calla
     views = SeededViews(subset, cfg.teacher_cache.views, cfg.teacher_cache.seed)
     cache = distributed.main_first(lambda: FileTeacherCache.prepare(directory, record) if distributed.is_main()
                                    else FileTeacherCache(directory, record))
-    cache.build(teacher_fn, views, cfg.data.eval_batch_size, cfg.data.num_workers, distributed.rank(),
+    cache.build(teacher_fn, views, cfg.data.eval_batch_size, data_workers(cfg.data), distributed.rank(),
                 distributed.world_size())
     distributed.barrier()  # every rank's shards are on disk
     if missing := cache.missing():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -116,6 +117,18 @@ def check_data_options(cfg: DataConfig, uses: Iterable[str]) -> None:
         if option not in used and getattr(cfg, option) != getattr(defaults, option):
             reads = ", ".join(f"data.{o}" for o in DATASET_OPTIONS if o in used) or "none of them"
             raise ConfigError(f"data.{option} is not used by dataset '{cfg.name}' (it reads {reads}); remove it")
+
+
+DEFAULT_WORKERS = 4
+
+
+def data_workers(cfg: DataConfig) -> int:
+    """Loader worker processes of file datasets: ``data.num_workers``, or when unset ``DEFAULT_WORKERS`` but no more
+    than the CPU cores this process may use (more only compete for them, and torch warns)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(DEFAULT_WORKERS, cores)
 
 
 def process_batches(cfg: DataConfig) -> tuple[int, int]:
