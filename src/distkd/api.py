@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from distkd.config import RunConfig, ScheduleConfig, apply_overrides, from_dict, to_dict
+from distkd.config import RunConfig, ScheduleConfig, apply_overrides, dump_config, from_dict, to_dict
 from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state
 from distkd.engine.trainer import Trainer, seed_everything
@@ -83,9 +83,8 @@ def _train(cfg: RunConfig, device: torch.device, resume: bool, start_from: Path 
     if resume and not last.exists():
         raise ConfigError(f"nothing to resume in {run_dir}: it has no checkpoints/last.pt (the run stopped before "
                           "its first checkpoint, or never started); run the same command without --resume")
-    if resume:
-        _check_same_config(cfg, last)
-    elif last.exists():
+    extended = resume and _check_same_config(cfg, last)
+    if not resume and last.exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or set name=... for a new one")
     _check_writable(run_dir)
     seed_everything(cfg.seed + distributed.rank())  # differs by rank; DDP then gives every rank rank 0's student
@@ -93,6 +92,8 @@ def _train(cfg: RunConfig, device: torch.device, resume: bool, start_from: Path 
     if not resume and distributed.is_main():
         _remove_unfinished_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if extended and distributed.is_main():
+        dump_config(cfg, run_dir / "config.yaml")  # the run's config is now the extended one
     return Trainer(cfg, setup, device, run_dir, start_from=start_from).fit(resume=resume)
 
 
@@ -217,15 +218,26 @@ def _listing(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
-def _check_same_config(cfg: RunConfig, last: Path) -> None:
-    """Resuming with another config would silently mix two experiments: refuse, naming the differences."""
-    saved = load_state(last)["config"]
+def _check_same_config(cfg: RunConfig, last: Path) -> bool:
+    """Resuming with another config would silently mix two experiments: refuse, naming the differences. One change
+    is allowed: more ``train.epochs`` extends the run (finished or not), its schedule recomputed over the new length;
+    return whether it does."""
+    state = load_state(last)
+    saved = state["config"]
     # where the run lives and how it is computed, not what it computes: a run may move, or resume on another device
     ignored = {"train.progress", "out_dir", "name", "train.threads", "train.device"}
     diffs = [k for k in _diff(saved, to_dict(cfg)) if k not in ignored]
+    before = saved["train"]["epochs"]
+    if diffs == ["train.epochs"] and cfg.train.epochs > before and cfg.train.max_steps is None:
+        if distributed.is_main():
+            print(f"extending the run from {before} to {cfg.train.epochs} epochs at step {state.get('step')}: the lr "
+                  f"schedule is recomputed over {cfg.train.epochs} epochs and continues from there", flush=True)
+        return True
     if diffs:
-        raise ConfigError(f"cannot resume {last}: the config differs in {', '.join(diffs[:5])}; "
+        grow = " (train.epochs may only grow, to extend the run)" if "train.epochs" in diffs else ""
+        raise ConfigError(f"cannot resume {last}: the config differs in {', '.join(diffs[:5])}{grow}; "
                           "resume with the original config and overrides")
+    return False
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:

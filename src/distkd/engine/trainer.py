@@ -370,6 +370,11 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the lr at the saved step, by this run's schedule: the saved one, or recomputed for a run extended to more
+        # epochs (the same numbers otherwise: LambdaLR computes base_lr * factor(step) either way)
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], {"step": -1} | state["best"]
         # checkpoints before step-based runs were written at epoch ends only
