@@ -33,8 +33,13 @@ def test_models_lists_registered_names_and_the_adapters(capsys: pytest.CaptureFi
 
 def test_configs_lists_the_bundled_demo_configs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["configs"]) == 0
-    listed = capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines]
     assert {"demo/teacher.yaml", "demo/student.yaml", "demo/kd.yaml", "demo/dist.yaml"} <= set(listed)
+    teacher = lines[listed.index("demo/teacher.yaml")]
+    assert teacher.split(None, 1)[1] == ("The demo's teacher: a 6-conv CNN (288k parameters) on the embedded "
+                                         "silhouettes.")
+    assert all(len(line.split()) > 1 for line in lines)  # every bundled config says what it trains
 
 
 def test_a_bad_override_is_one_error_line_with_exit_status_2(tmp_path: Path) -> None:

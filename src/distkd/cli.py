@@ -126,7 +126,11 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _configs(args: argparse.Namespace) -> None:
-    print("\n".join(bundled_configs()))
+    from distkd.config import config_description
+
+    names = bundled_configs()
+    width = max(map(len, names))
+    print("\n".join(f"{name:<{width}}  {config_description(name)}".rstrip() for name in names))
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model names")
     p.set_defaults(func=_models)
-    p = sub.add_parser("configs", help="list the bundled configs")
+    p = sub.add_parser("configs", help="list the bundled configs, each with a line on what it trains")
     p.set_defaults(func=_configs)
     p = sub.add_parser("reproduce", help="re-run a published table (teachers, rows x seeds) beside the paper's numbers")
     p.add_argument("table", nargs="?", help="table name; `distkd reproduce --list` lists them")

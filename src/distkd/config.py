@@ -266,6 +266,12 @@ def bundled_configs() -> list[str]:
     return found
 
 
+def config_description(name: str) -> str:
+    """The first line of bundled config ``name``'s opening comment (what it trains), or "" without one."""
+    first = resources.files("distkd").joinpath("configs", name).read_text(encoding="utf-8").split("\n", 1)[0]
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
 def resolve_config_path(name: str | Path) -> Path:
     """A config given as a file path, or as a bundled name such as ``demo/teacher.yaml``."""
     path = Path(name)
