@@ -33,6 +33,7 @@ from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_a
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
 from distkd.engine.optim import build_optimizer, build_scheduler, param_groups
+from distkd.engine.plot import plot_run
 from distkd.errors import CheckpointError, ConfigError, DistkdError, first_line
 from distkd.registry import nearest
 
@@ -321,6 +322,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             (self.run_dir / "report.md").write_text(_report(self.cfg, summary))
+            plot_run(self.run_dir, metric, teacher_val[metric] if teacher_val else None)
         return summary
 
     # ------------------------------------------------------------------ checkpoints
