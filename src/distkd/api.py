@@ -7,20 +7,22 @@ import dataclasses
 import inspect
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from distkd.config import RunConfig, ScheduleConfig, apply_overrides, dump_config, from_dict, to_dict
 from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state
-from distkd.engine.trainer import Trainer, seed_everything
+from distkd.engine.trainer import Trainer, TrainSetup, seed_everything
 from distkd.errors import CheckpointError, ConfigError, DataError
 from distkd.models.weights import load_weights
 from distkd.tasks import get_task
-from distkd.tasks.common import build_model, resolve_teacher
+from distkd.tasks.common import build_model, data_workers, eval_shard, process_batches, resolve_teacher
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
@@ -76,8 +78,10 @@ def _train_staged(cfg: RunConfig, device: torch.device, resume: bool) -> dict[st
     return _train(cfg, device, resume=main_started, start_from=None if main_started else start)
 
 
-def _train(cfg: RunConfig, device: torch.device, resume: bool, start_from: Path | None = None) -> dict[str, Any]:
-    task = get_task(cfg.task)  # an unknown task fails before anything is written
+def _train(cfg: RunConfig, device: torch.device, resume: bool, start_from: Path | None = None,
+           build: Callable[[RunConfig, torch.device], TrainSetup] | None = None) -> dict[str, Any]:
+    """Check the run folder, build the run (``build``, default: the task's) and train it."""
+    build = build or get_task(cfg.task).build  # an unknown task fails before anything is written
     run_dir = cfg.run_dir
     last = run_dir / "checkpoints" / "last.pt"
     if resume and not last.exists():
@@ -88,13 +92,68 @@ def _train(cfg: RunConfig, device: torch.device, resume: bool, start_from: Path 
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or set name=... for a new one")
     _check_writable(run_dir)
     seed_everything(cfg.seed + distributed.rank())  # differs by rank; DDP then gives every rank rank 0's student
-    setup = task.build(cfg, device)  # a config the task refuses leaves no folder behind
+    setup = build(cfg, device)  # a config the task refuses leaves no folder behind
     if not resume and distributed.is_main():
         _remove_unfinished_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if extended and distributed.is_main():
         dump_config(cfg, run_dir / "config.yaml")  # the run's config is now the extended one
     return Trainer(cfg, setup, device, run_dir, start_from=start_from).fit(resume=resume)
+
+
+def fit(student: nn.Module, train_data: Dataset, val_data: Dataset, *, teacher: nn.Module | None = None,
+        terms: Sequence[dict[str, Any]] = (), test_data: Dataset | None = None, config: str | Path | None = None,
+        overrides: Sequence[str] = (), resume: bool = False) -> dict[str, Any]:
+    """Train your own ``student`` on your own data, distilling your own ``teacher``, with distkd's loop; return
+    the summary. Models need no registry name and data no dataset name.
+
+    ``train_data``/``val_data``/``test_data``: map-style datasets of ``(image float (C, H, W), label int)``,
+    already normalised (batched by worker processes, ``data.num_workers``). ``teacher``: any module giving logits
+    for the same inputs (frozen, in eval mode). ``terms``: the distillation terms as in a config's
+    ``loss.distill``, e.g. ``[{"loss": "dist", "weight": 2.0}]``. ``config``/``overrides``: a config file (or
+    bundled name) and ``key=value`` overrides for everything else (``train.epochs=5``, ``optim.lr=0.05``,
+    ``data.batch_size=64``, ``out_dir=``/``name=`` for the run folder); the config's model, teacher and data
+    sections are not used. Checkpoints hold the student's state dict as ``model`` (for your module's
+    ``load_state_dict``); ``distkd export``/``predict`` need a registered model name and are not for these runs.
+    """
+    from distkd.config import TeacherConfig, TermConfig, load_config
+    from distkd.data.imagefolder import FileLoader
+    from distkd.distill import Distiller, SingleInputStep
+    from distkd.tasks import classification
+    from distkd.tasks.common import build_terms
+
+    base = load_config(config, list(overrides))
+    specs = [from_dict(TermConfig, dict(t), f"terms.{i}") for i, t in enumerate(terms)]
+    if specs and teacher is None:
+        raise ConfigError("terms need a teacher: pass teacher=your_module, or no terms to train the student alone")
+    if teacher is not None and not specs:
+        raise ConfigError("a teacher is given but no terms use it; pass terms=[{'loss': 'dist'}] (or another loss)")
+    cfg = dataclasses.replace(
+        base, model=dataclasses.replace(base.model, name=f"python:{type(student).__name__}", kwargs={}),
+        teacher=TeacherConfig(name=f"python:{type(teacher).__name__}") if teacher is not None else None,
+        loss=dataclasses.replace(base.loss, distill=specs), data=dataclasses.replace(base.data, name="python"))
+
+    def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
+        train_batch, eval_batch = process_batches(cfg.data)
+        rank, world = distributed.rank(), distributed.world_size()
+
+        def loader(data: Dataset, train: bool) -> FileLoader:
+            sharding = {"rank": rank, "world_size": world} if train else {}
+            return FileLoader(data if train else eval_shard(data), batch_size=train_batch if train else eval_batch,
+                              shuffle=train, drop_last=train, seed=cfg.seed, num_workers=data_workers(cfg.data),
+                              device=device, channels_last=cfg.train.channels_last, **sharding)
+
+        step = SingleInputStep(classification.cross_entropy(cfg.loss))
+        distiller = Distiller(student, teacher, build_terms(cfg.loss.distill), step)
+        test = loader(test_data, False) if test_data is not None else None
+        return TrainSetup(distiller, loader(train_data, True), loader(val_data, False), test,
+                          classification.evaluate, metric="top1")
+
+    device = _device(cfg.train)
+    try:
+        return _train(cfg, device, resume, build=build)
+    finally:
+        distributed.close()
 
 
 def build_teacher_cache(cfg: RunConfig) -> Path:

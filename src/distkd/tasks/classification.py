@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from distkd.config import DataConfig, RunConfig
+from distkd.config import DataConfig, LossConfig, RunConfig
 from distkd.data.augment import CropFlip
 from distkd.data.base import InMemoryData
 from distkd.data.loaders import TensorLoader
@@ -119,20 +119,26 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     train, val, test = build_loaders(cfg, data, device)
     student = build_model(cfg.model, data.num_classes, "student")
     teacher, terms = build_teacher_and_terms(cfg, data.num_classes)
-    smoothing, weight = cfg.loss.label_smoothing, cfg.loss.ce_weight
-
-    def task_loss(output: Tensor, target: Tensor) -> dict[str, Tensor]:
-        if weight == 0:
-            return {}
-        return {"ce": weight * F.cross_entropy(logits_of(output).float(), target, label_smoothing=smoothing)}
-
-    step = SingleInputStep(task_loss, teacher_input=_teacher_input(data, teacher))
+    step = SingleInputStep(cross_entropy(cfg.loss), teacher_input=_teacher_input(data, teacher))
     distiller = Distiller(student, teacher, terms, step)
     check_input(student, val, "model")
     if cfg.teacher_cache.views > 0:
         train = _cached(cfg, distiller, train, device)
     return TrainSetup(distiller, train, val, test, evaluate, metric="top1", meta=metadata(data),
                       test_is_val=data.test_is_val)
+
+
+def cross_entropy(cfg: LossConfig) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
+    """The task loss: ``{"ce": ce_weight * CE(logits (B, K), target (B,) or soft (B, K), label_smoothing)}``, or
+    nothing when ``ce_weight`` is 0."""
+    smoothing, weight = cfg.label_smoothing, cfg.ce_weight
+
+    def task_loss(output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        if weight == 0:
+            return {}
+        return {"ce": weight * F.cross_entropy(logits_of(output).float(), target, label_smoothing=smoothing)}
+
+    return task_loss
 
 
 def metadata(data) -> dict:  # noqa: ANN001 - InMemoryData or FileData

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from distkd.config import DataConfig, ModelConfig, RunConfig
+from distkd.config import DataConfig, ModelConfig, RunConfig, TermConfig
 from distkd.data.base import Split
 from distkd.distill import Term
 from distkd.distill.transforms import get_transform
@@ -92,14 +92,20 @@ def build_teacher_and_terms(cfg: RunConfig, num_classes: int) -> tuple[nn.Module
     if cfg.loss.distill and cfg.teacher is None:
         raise ConfigError("loss.distill has terms but no teacher is configured; set teacher.name and "
                           "teacher.checkpoint, or remove loss.distill")
-    names = [t.loss if t.student == "logits" else f"{t.loss}_{'+'.join(_keys(t.student))}" for t in cfg.loss.distill]
-    terms = []  # built before the teacher: a mistake in a term is reported before any weights load
-    for i, (name, t) in enumerate(zip(names, cfg.loss.distill, strict=True)):
+    terms = build_terms(cfg.loss.distill)  # before the teacher: a mistake in a term is reported before weights load
+    teacher = build_model(cfg.teacher, num_classes, "teacher") if cfg.teacher is not None else None
+    return teacher, terms
+
+
+def build_terms(specs: list[TermConfig]) -> list[Term]:
+    """The weighted distillation terms of ``loss.distill``: see :func:`build_teacher_and_terms` for their names."""
+    names = [t.loss if t.student == "logits" else f"{t.loss}_{'+'.join(_keys(t.student))}" for t in specs]
+    terms = []
+    for i, (name, t) in enumerate(zip(names, specs, strict=True)):
         get_transform(t.transform)
         terms.append(Term(name if names.count(name) == 1 else f"{name}{i}", build_loss(t.loss, **t.kwargs), t.weight,
                           t.student, t.teacher, t.transform, t.lr, t.weight_decay, t.objective))
-    teacher = build_model(cfg.teacher, num_classes, "teacher") if cfg.teacher is not None else None
-    return teacher, terms
+    return terms
 
 
 # DataConfig options that only some datasets read; the others (name, batch sizes) every dataset uses
