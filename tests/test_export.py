@@ -100,11 +100,21 @@ def test_bad_export_requests_are_one_line_errors(teacher_run, tmp_path, monkeypa
     with pytest.raises(CheckpointError, match="holds no checkpoints/best.pt"):
         load_student(tmp_path)
     old = load_state(run_dir / "checkpoints" / "best.pt")
-    del old["meta"]
+    del old["config"]
     torch.save(old, tmp_path / "old.pt")
-    with pytest.raises(CheckpointError, match="does not record its class names and preprocessing"):
+    with pytest.raises(CheckpointError, match="holds no run config, so its model is unknown"):
         load_student(tmp_path / "old.pt")
     monkeypatch.setattr(export_module, "_importable", lambda name: name != "onnxruntime")
     with pytest.raises(ExportError, match=r"needs onnxruntime \(not installed\); pip install 'distkd\[export\]'"):
         export(run_dir, "onnx", tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_checkpoint_older_than_the_record_gets_it_from_its_dataset(teacher_run, tmp_path, capsys) -> None:
+    run_dir, _ = teacher_run
+    state = load_state(run_dir / "checkpoints" / "best.pt")
+    meta = state.pop("meta")
+    torch.save(state, tmp_path / "old.pt")
+    student = load_student(tmp_path / "old.pt")
+    assert "predates the record of class names and preprocessing" in capsys.readouterr().out
+    assert student.classes == meta["classes"] and student.preprocess.to_dict() == meta["preprocess"]

@@ -86,9 +86,10 @@ def load_student(source: str | Path, *, last: bool = False, ema: bool = False) -
     path = find_checkpoint(source, last)
     state = load_state(path)
     meta, config = state.get("meta"), state.get("config")
-    if not meta or not config:
-        raise CheckpointError(f"{path} does not record its class names and preprocessing (it was written by an older "
-                              "distkd, or by a task that does not record them); train the run with this version")
+    if not config:
+        raise CheckpointError(f"{path} holds no run config, so its model is unknown; export checkpoints of distkd runs")
+    if not meta:
+        meta = _meta_from_config(path, config)
     weights = state["model"]
     if ema:
         if state.get("ema") is None:
@@ -101,6 +102,25 @@ def load_student(source: str | Path, *, last: bool = False, ema: bool = False) -
     label = ("last" if path.name == "last.pt" else "best") + ("_ema" if ema else "")
     return Student(model.eval(), config["model"]["name"], kwargs, classes, Preprocess.from_dict(meta["preprocess"]),
                    path, label, int(state["epoch"]), int(state.get("step", 0)))
+
+
+def _meta_from_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Class names and preprocessing of a checkpoint that predates their record: from its run's dataset, read again
+    (it must still be where the config says)."""
+    from distkd.config import RunConfig, from_dict
+    from distkd.tasks import get_task
+
+    try:
+        cfg = from_dict(RunConfig, config)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its saved config is not valid for this distkd version ({exc})") from None
+    task = get_task(cfg.task)
+    if not hasattr(task, "metadata"):
+        raise CheckpointError(f"{path} does not record class names and preprocessing, and task '{cfg.task}' cannot "
+                              "derive them; export is for classification runs")
+    print(f"{path} predates the record of class names and preprocessing: reading them from its dataset "
+          f"'{cfg.data.name}'", flush=True)
+    return task.metadata(task.load_dataset(cfg.data, cfg.seed))
 
 
 def default_output(student: Student, fmt: str) -> Path:
