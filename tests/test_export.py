@@ -116,5 +116,5 @@ def test_a_checkpoint_older_than_the_record_gets_it_from_its_dataset(teacher_run
     meta = state.pop("meta")
     torch.save(state, tmp_path / "old.pt")
     student = load_student(tmp_path / "old.pt")
-    assert "predates the record of class names and preprocessing" in capsys.readouterr().out
+    assert "predates the record of class names and preprocessing" in capsys.readouterr().err
     assert student.classes == meta["classes"] and student.preprocess.to_dict() == meta["preprocess"]

@@ -52,7 +52,7 @@ def test_fine_tuning_from_a_1000_class_file_on_an_image_folder(folder_run, tmp_p
             f"data.root={folder}", f"model.weights={tmp_path / 'pretrained.pth'}", "optim.lr=1.0e-9",
             "optim.weight_decay=0", f"out_dir={tmp_path / 'runs'}", "name=finetuned"]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert f"model.weights: loaded {tmp_path / 'pretrained.pth'} except its classifier (fc.weight [1000, 16], " \
            "fc.bias [1000]): a new 3-class head, initialised afresh" in out
     trained = load_state(tmp_path / "runs" / "finetuned" / "checkpoints" / "last.pt")["model"]
@@ -84,7 +84,7 @@ def test_teacher_name_comes_from_a_distkd_checkpoint(teacher_run, tmp_path: Path
     assert cfg.teacher.name is None
     resolved = resolve_teacher(cfg)
     assert resolved.teacher.name == "small_cnn3_w4" and resolved.teacher.kwargs == {}
-    assert capsys.readouterr().out == f"teacher: small_cnn3_w4 (recorded in {best})\n"
+    assert capsys.readouterr().err == f"teacher: small_cnn3_w4 (recorded in {best})\n"
     torch.save(load_state(best)["model"], tmp_path / "plain.pt")
     with pytest.raises(ConfigError, match="^teacher.name is required: teacher.checkpoint .*plain.pt is not a distkd"):
         resolve_teacher(load_config("demo/student.yaml", [f"teacher.checkpoint={tmp_path / 'plain.pt'}"]))

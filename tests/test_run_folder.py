@@ -114,6 +114,42 @@ def test_image_size_and_workers_default_to_the_images_and_the_cores(folder_run, 
     folder, _, _ = folder_run  # 46x40 images: the shorter side is 40, x 0.875 = 35, a multiple of 8 below: 32
     data = load_imagefolder(str(folder))
     assert data.preprocess.size == (32, 32) and data.preprocess.resize == 36  # 36 <= 40: never upscaled
-    assert capsys.readouterr().out.startswith("data.image_size: 32 (the training images' median shorter side 40")
+    assert capsys.readouterr().err.startswith("data.image_size: 32 (the training images' median shorter side 40")
     assert data_workers(DataConfig()) == min(4, len(os.sched_getaffinity(0)))
     assert data_workers(DataConfig(num_workers=3)) == 3
+
+
+def test_an_in_memory_folder_distils_with_the_teacher_cache_and_predicts_as_eval(folder_run, tmp_path, make_config,
+                                                                                run_train, folder_train,
+                                                                                capsys) -> None:
+    folder, teacher_dir, _ = folder_run
+    cfg = make_config("demo/kd.yaml", tmp_path, f"data.root={folder}", *folder_train, "data.in_memory=true",
+                      "data.crop_padding=4", f"teacher.checkpoint={teacher_dir / 'checkpoints' / 'best.pt'}",
+                      "teacher.name=null", "teacher_cache.views=2")
+    summary = run_train(cfg)
+    out = capsys.readouterr().err
+    assert "data.in_memory: decoding 33 images at 32x32: 0 MiB (of " in out  # 24 train + 9 val; test is val
+    assert summary["test_is_val"] is True and (cfg.run_dir / "teacher_cache").is_dir()
+    best = cfg.run_dir / "checkpoints" / "best.pt"
+    assert load_state(best)["meta"]["preprocess"]["resize"] == 36  # the eval pipeline the tensors went through
+    assert main(["eval", str(best), "--per-class"]) == 0
+    matrix = json.loads(capsys.readouterr().out)["confusion"]["matrix"]
+    assert _confusion(predict(best, [folder / "val"], top_k=1), folder / "val") == matrix
+
+
+def test_in_memory_errors_are_one_line(folder_run, monkeypatch) -> None:
+    from distkd.config import DataConfig
+    from distkd.data import imagefolder_memory
+    from distkd.errors import ConfigError, DataError
+    from distkd.tasks.classification import load_dataset
+
+    folder = str(folder_run[0])
+    monkeypatch.setattr(imagefolder_memory, "available_memory", lambda: 100_000)
+    with pytest.raises(DataError, match=r"^data.in_memory: 33 images at 32x32: 0 MiB, more than half the 0.0 GiB "
+                                        "available; set data.in_memory=false"):
+        load_dataset(DataConfig(name="imagefolder", root=folder, image_size=32, in_memory=True), 0)
+    with pytest.raises(ConfigError, match="^data.crop_padding and data.flip augment in-memory images"):
+        load_dataset(DataConfig(name="imagefolder", root=folder, crop_padding=4), 0)
+    with pytest.raises(ConfigError, match="^data.in_memory augments with a random crop and flip on the device, not "
+                                          "preset b2"):
+        load_dataset(DataConfig(name="imagefolder", root=folder, in_memory=True, preset="b2"), 0)

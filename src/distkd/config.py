@@ -116,6 +116,9 @@ class DataConfig:
     image_size: int | None = field(default=None, metadata=_check(1))
     num_workers: int | None = field(default=None, metadata=_check(0))  # file datasets; null: min(4, CPU cores)
     skip_unreadable: bool = False  # image folders: leave out files that cannot be decoded (counted, not silent)
+    # image folders: decode every image once into memory (uint8 at image_size; the memory is checked first), then
+    # augment on the device with crop_padding/flip like CIFAR, with the in-memory teacher cache (preset b1 only)
+    in_memory: bool = False
 
 
 @dataclass

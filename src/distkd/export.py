@@ -12,6 +12,7 @@ of the largest logit (``max |difference| <= TOLERANCE * max(1, max |logit|)``).
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,7 @@ def _meta_from_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"{path} does not record class names and preprocessing, and task '{cfg.task}' cannot "
                               "derive them; export is for classification runs")
     print(f"{path} predates the record of class names and preprocessing: reading them from its dataset "
-          f"'{cfg.data.name}'", flush=True)
+          f"'{cfg.data.name}'", file=sys.stderr, flush=True)
     return task.metadata(task.load_dataset(cfg.data, cfg.seed))
 
 

@@ -36,6 +36,7 @@ class InMemoryData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] | None = None
+    pipeline: Preprocess | None = None  # how image files became these tensors (None: they came as tensors)
 
     @property
     def in_chans(self) -> int:
@@ -48,8 +49,10 @@ class InMemoryData:
 
     @property
     def preprocess(self) -> Preprocess:
-        """How an image file becomes an input like this dataset's: converted to its channels, resized to its
-        image size exactly, normalised."""
+        """How an image file becomes an input like this dataset's: ``pipeline`` when the images were decoded from
+        files, else converted to its channels, resized to its image size exactly, normalised."""
+        if self.pipeline is not None:
+            return self.pipeline
         height, width = self.train.images.shape[2:]
         return Preprocess(channels=self.in_chans, size=(int(height), int(width)), resize=None,
                           interpolation="bilinear", mean=tuple(self.mean), std=tuple(self.std))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +234,8 @@ def auto_image_size(folder: ImageFolder) -> int:
     median = sorted(sides)[len(sides) // 2]
     size = max(8, min(MAX_AUTO_SIZE, math.floor(median * EVAL_CROP_PCT) // 8 * 8))
     print(f"data.image_size: {size} (the training images' median shorter side {median} x {EVAL_CROP_PCT}, rounded "
-          f"down to a multiple of 8, at most {MAX_AUTO_SIZE}); set data.image_size to choose", flush=True)
+          f"down to a multiple of 8, at most {MAX_AUTO_SIZE}); set data.image_size to choose", file=sys.stderr,
+          flush=True)
     return size
 
 

@@ -60,14 +60,27 @@ DATASETS.register("cifar100")(_cifar10)
 def _imagefolder(cfg: DataConfig, seed: int):  # noqa: ANN202 - FileData
     from distkd.data.imagefolder import load_imagefolder
 
-    return load_imagefolder(cfg.root, preset=cfg.preset, image_size=cfg.image_size, val_size=cfg.val_size,
-                            seed=seed, skip_unreadable=cfg.skip_unreadable)
+    defaults = DataConfig()
+    if not cfg.in_memory and (cfg.crop_padding, cfg.flip) != (defaults.crop_padding, defaults.flip):
+        raise ConfigError("data.crop_padding and data.flip augment in-memory images; image folders read from files "
+                          "augment as data.preset says: remove them, or set data.in_memory=true")
+    if cfg.in_memory and cfg.preset.lower() != "b1":
+        raise ConfigError(f"data.in_memory augments with a random crop and flip on the device, not preset "
+                          f"{cfg.preset}'s pipeline; use data.preset=b1, or data.in_memory=false")
+    files = load_imagefolder(cfg.root, preset=cfg.preset, image_size=cfg.image_size, val_size=cfg.val_size,
+                             seed=seed, skip_unreadable=cfg.skip_unreadable)
+    if not cfg.in_memory:
+        return files
+    from distkd.data.imagefolder_memory import to_memory
+
+    return to_memory(files, data_workers(cfg))
 
 
 IN_MEMORY = {"crop_padding", "flip"}
 USES = {"silhouettes": IN_MEMORY, "cifar10": IN_MEMORY | {"root", "download", "val_size"},
         "cifar100": IN_MEMORY | {"root", "download", "val_size"},
-        "imagefolder": {"root", "val_size", "preset", "image_size", "num_workers", "skip_unreadable"}}
+        "imagefolder": {"root", "val_size", "preset", "image_size", "num_workers", "skip_unreadable", "in_memory",
+                        *IN_MEMORY}}
 
 
 def load_dataset(cfg: DataConfig, seed: int):  # noqa: ANN201 - InMemoryData or FileData

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def build_model(cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
         if dropped and distributed.is_main():
             shapes = ", ".join(f"{k} {shape}" for k, shape in dropped.items())
             print(f"{key}.weights: loaded {cfg.weights} except its classifier ({shapes}): a new {num_classes}-class "
-                  "head, initialised afresh", flush=True)
+                  "head, initialised afresh", file=sys.stderr, flush=True)
     elif role == "teacher" and not cfg.kwargs.get("pretrained"):
         raise ConfigError(
             "teacher.checkpoint is required (or teacher.kwargs.pretrained=true for hub weights): train the teacher "
@@ -74,7 +75,7 @@ def resolve_teacher(cfg: RunConfig) -> RunConfig:
     kwargs = teacher.kwargs or {k: v for k, v in model.get("kwargs", {}).items() if k != "pretrained"}
     if distributed.is_main():
         arguments = f" {kwargs}" if kwargs else ""
-        print(f"teacher: {model['name']}{arguments} (recorded in {teacher.checkpoint})", flush=True)
+        print(f"teacher: {model['name']}{arguments} (recorded in {teacher.checkpoint})", file=sys.stderr, flush=True)
     return dataclasses.replace(cfg, teacher=dataclasses.replace(teacher, name=model["name"], kwargs=kwargs))
 
 
@@ -110,7 +111,7 @@ def build_terms(specs: list[TermConfig]) -> list[Term]:
 
 # DataConfig options that only some datasets read; the others (name, batch sizes) every dataset uses
 DATASET_OPTIONS = ("root", "download", "val_size", "preset", "image_size", "num_workers", "skip_unreadable",
-                   "crop_padding", "flip", "kwargs")
+                   "crop_padding", "flip", "kwargs", "in_memory")
 
 
 def check_data_options(cfg: DataConfig, uses: Iterable[str]) -> None:
