@@ -261,14 +261,18 @@ class Trainer:
         distributed.broadcast_buffers(self.distiller.term_losses)  # adapters' BatchNorm statistics too
         val = self.setup.evaluate(self.student, self.setup.val)
         record |= {f"val/{k}": v for k, v in val.items()}
+        selected, score = self.student, val[self.setup.metric]
         if self.ema is not None:
             distributed.broadcast_buffers(self.ema.module)
-            record |= {f"ema_val/{k}": v for k, v in self.setup.evaluate(self.ema.module, self.setup.val).items()}
+            ema_val = self.setup.evaluate(self.ema.module, self.setup.val)
+            record |= {f"ema_val/{k}": v for k, v in ema_val.items()}
+            if self.cfg.train.select_ema:  # the EMA's metric chooses best.pt, which then holds the EMA weights
+                selected, score = self.ema.module, ema_val[self.setup.metric]
         self.evaluated_at = self.step
         self.log.write(record, step=self.step)  # before last.pt: a resume drops it if last.pt is older
-        if val[self.setup.metric] > self.best["value"]:
-            self.best = {"epoch": self.epoch, "step": self.step, "value": val[self.setup.metric]}
-            self._save("best.pt", weights_only=True)
+        if score > self.best["value"]:
+            self.best = {"epoch": self.epoch, "step": self.step, "value": score}
+            self._save("best.pt", weights_only=True, model=selected)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -319,13 +323,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, name: str, weights_only: bool = False) -> None:
-        """Rank 0 writes; every rank calls (each rank's RNG state is gathered into the checkpoint)."""
+    def _save(self, name: str, weights_only: bool = False, model: nn.Module | None = None) -> None:
+        """Rank 0 writes; every rank calls (each rank's RNG state is gathered into the checkpoint). ``model``: the
+        weights saved as ``model`` (the student unless given: best.pt under ``train.select_ema`` holds the EMA's)."""
         rng = None if weights_only else [_plain(r) for r in distributed.gather_objects(_rng_state())]
         if not self.is_main:
             return
         state: dict[str, Any] = {
-            "model": self.student.state_dict(),  # the student alone: loads strictly into the bare model
+            "model": (model or self.student).state_dict(),  # the student alone: loads strictly into the bare model
             "terms": self.distiller.term_state_dict(),  # the distillation terms' own state (adapters, ...)
             "ema": self.ema.module.state_dict() if self.ema else None,
             "epoch": self.epoch,
@@ -479,8 +484,9 @@ def _report(cfg: RunConfig, summary: dict[str, Any]) -> str:
     for key in ("best_val", "best_test", "last_val", "last_test", "ema_last_test"):
         if key in summary:
             lines.append(f"| {key} | {summary[key]:.4f} |")
-    lines += ["", f"best on val: epoch {summary['best_epoch']} of {summary['epochs']}, step {summary['best_step']} of "
-              f"{summary['steps']} (test is never used to select).",
+    chosen = " (the EMA weights, chosen by the EMA's val metric)" if cfg.train.select_ema else ""
+    lines += ["", f"best on val{chosen}: epoch {summary['best_epoch']} of {summary['epochs']}, step "
+              f"{summary['best_step']} of {summary['steps']} (test is never used to select).",
               _sizes_line(summary) + "."]
     if summary.get("teacher_val"):
         lines.append(f"teacher on val: {_format(summary['teacher_val'])}")
