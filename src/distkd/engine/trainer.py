@@ -32,7 +32,7 @@ from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_atomic
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
-from distkd.engine.optim import build_optimizer, build_scheduler, param_groups
+from distkd.engine.optim import build_optimizer, build_scheduler, decay_exempt, param_groups
 from distkd.errors import CheckpointError, ConfigError, DistkdError, first_line
 from distkd.registry import nearest
 
@@ -122,7 +122,8 @@ class Trainer:
     def _param_groups(self) -> list[dict]:
         """The student's groups, then each term's own (its ``lr``/``weight_decay``, or the optimizer's)."""
         optim = self.cfg.optim
-        groups = param_groups(self.student.parameters(), optim.weight_decay, optim.no_decay_norm_bias)
+        groups = param_groups(self.student.parameters(), optim.weight_decay, optim.no_decay_norm_bias,
+                              decay_exempt(self.student))
         for term, params in self.distiller.term_parameters():
             decay = optim.weight_decay if term.weight_decay is None else term.weight_decay
             for group in param_groups(params, decay, optim.no_decay_norm_bias):
