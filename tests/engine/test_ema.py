@@ -1,5 +1,5 @@
 """The EMA of a model's weights: a lerp per parameter and floating-point buffer after each update (BatchNorm
-statistics averaged, as timm's ModelEmaV2 of the authors' B2 recipe); integer buffers copied."""
+statistics averaged, as timm's ModelEmaV2); integer buffers copied."""
 
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ from torch import nn
 
 class EMA(nn.Module):
     """``ema = decay * ema + (1 - decay) * value`` after each step, for the parameters and the floating-point
-    buffers (BatchNorm running mean and variance) alike, as timm's ``ModelEmaV2`` the DIST authors' B2 recipe
-    uses; integer buffers (BatchNorm's ``num_batches_tracked``) are copied."""
+    buffers (BatchNorm running mean and variance) alike, as timm's ``ModelEmaV2`` (whose ``.module`` /
+    ``update(model)`` interface the DIST authors' training script uses); integer buffers (BatchNorm's
+    ``num_batches_tracked``) are copied."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         super().__init__()
