@@ -267,3 +267,39 @@ def relation_terms(
     """
     global_batch = global_batch and _world_size() > 1
     return _RelationTerms.apply(z_s, z_t.detach(), keep, tau, activation == "sigmoid", global_batch)
+
+
+def reference_terms(
+    z_s: Tensor, z_t: Tensor, keep: Tensor | None, *, tau: float = 1.0, activation: str = "softmax"
+) -> tuple[Tensor, Tensor]:
+    """The same ``(inter, intra)`` as :func:`relation_terms`, in plain autograd: the readable reference.
+
+    Logits ``(N, C, S)``, ``keep`` bool ``(N, 1, S)`` or None; the local batch only. It builds a few centred
+    input-sized copies and lets autograd save what it needs (more memory and kernels than the fast path);
+    it runs on every device and has second derivatives.
+    """
+    if keep is not None:
+        zero = z_s.new_zeros(())
+        z_s, z_t = torch.where(keep, z_s, zero), torch.where(keep, z_t, zero)
+    scaled_s, scaled_t = z_s / tau, z_t.detach() / tau
+    y_s, y_t = (scaled_s.sigmoid(), scaled_t.sigmoid()) if activation == "sigmoid" else (
+        scaled_s.softmax(1), scaled_t.softmax(1))
+    num_classes = y_s.shape[1]
+    # Instances as rows (M, C): position s of sample n is row n * S + s.
+    rows_s, rows_t = y_s.transpose(1, 2).reshape(-1, num_classes), y_t.transpose(1, 2).reshape(-1, num_classes)
+    kept = torch.ones(rows_s.shape[0], dtype=torch.bool, device=z_s.device) if keep is None else keep.reshape(-1)
+    rows_s, rows_t = rows_s[kept], rows_t[kept]
+    if rows_s.shape[0] == 0:
+        zero = (z_s * 0).sum()  # keeps the graph: a zero gradient
+        return zero, zero
+    inter = 1.0 - _pearson(rows_s, rows_t, dim=1).mean()
+    intra = 1.0 - _pearson(rows_s, rows_t, dim=0).mean()
+    return inter, intra
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """``rho`` of ``a`` and ``b`` ``(M, C)`` along ``dim`` (the module docstring's formula)."""
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + EPS)
+
