@@ -97,20 +97,6 @@ class Preset:
             std=std,
         )
 
-    def eval_transform(
-        self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
-    ) -> Transform:
-        """PIL RGB image -> float (3, image_size, image_size): resize the short side to
-        ``image_size / 0.875``, center crop ``image_size``, normalise."""
-        return create_transform(
-            image_size,
-            is_training=False,
-            crop_pct=EVAL_CROP_PCT,
-            interpolation=self.interpolation,
-            mean=mean,
-            std=std,
-        )
-
 
 def _frozen(settings: dict[str, object]) -> Mapping[str, object]:
     return MappingProxyType(settings)

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_a
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
 from distkd.engine.optim import build_optimizer, build_scheduler, decay_exempt, param_groups
+from distkd.engine.plot import plot_run
 from distkd.errors import CheckpointError, ConfigError, DistkdError, first_line
 from distkd.registry import nearest
 
@@ -54,7 +55,11 @@ Evaluate = Callable[[nn.Module, Loader], dict[str, float]]
 
 @dataclass
 class TrainSetup:
-    """What a task builds for the trainer. ``metric`` (higher is better) selects the best checkpoint on val."""
+    """What a task builds for the trainer. ``metric`` (higher is better) selects the best checkpoint on val.
+
+    ``meta``: what a deployed model needs to know (class names, preprocessing), stored in every checkpoint.
+    ``test_is_val``: the test split is the val split itself (the report says so).
+    """
 
     distiller: Distiller
     train: Loader
@@ -62,6 +67,8 @@ class TrainSetup:
     test: Loader | None
     evaluate: Evaluate
     metric: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    test_is_val: bool = False
 
 
 EXTREME_GRAD_NORM = 100.0  # at the first step; cross-entropy and KD give about 1 on fresh students
@@ -306,6 +313,7 @@ class Trainer:
                                    "best_val": self.best["value"], "teacher_val": teacher_val, **self._sizes()}
         summary["last_val"] = self.setup.evaluate(self.student, self.setup.val)[metric]
         if test is not None:
+            summary["test_is_val"] = self.setup.test_is_val
             summary["last_test"] = self.setup.evaluate(self.student, test)[metric]
             last_weights = {k: v.clone() for k, v in self.student.state_dict().items()}
             # rank 0 reads best.pt and sends it: the other machines need not see its file system
@@ -319,7 +327,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             (self.run_dir / "report.md").write_text(_report(self.cfg, summary))
-            self.progress.message(f"summary: {json.dumps(summary)}")
+            plot_run(self.run_dir, metric, teacher_val[metric] if teacher_val else None)
         return summary
 
     # ------------------------------------------------------------------ checkpoints
@@ -338,6 +346,7 @@ class Trainer:
             "step": self.step,
             "best": self.best,
             "config": to_dict(self.cfg),
+            "meta": self.setup.meta,  # class names and preprocessing: eval, export and predict need nothing else
         }
         if not weights_only:
             state |= {
@@ -369,6 +378,11 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the lr at the saved step, by this run's schedule: the saved one, or recomputed for a run extended to more
+        # epochs (the same numbers otherwise: LambdaLR computes base_lr * factor(step) either way)
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], {"step": -1} | state["best"]
         # checkpoints before step-based runs were written at epoch ends only
@@ -486,8 +500,13 @@ def _report(cfg: RunConfig, summary: dict[str, Any]) -> str:
         if key in summary:
             lines.append(f"| {key} | {summary[key]:.4f} |")
     chosen = " (the EMA weights, chosen by the EMA's val metric)" if cfg.train.select_ema else ""
+    if summary.get("test_is_val"):
+        selection = ("the dataset has no separate test split: the test figures are the val figures, on the very "
+                     "images the best checkpoint was selected on")
+    else:
+        selection = "test is never used to select" if "best_test" in summary else "there is no test split"
     lines += ["", f"best on val{chosen}: epoch {summary['best_epoch']} of {summary['epochs']}, step "
-              f"{summary['best_step']} of {summary['steps']} (test is never used to select).",
+              f"{summary['best_step']} of {summary['steps']} ({selection}).",
               _sizes_line(summary) + "."]
     if summary.get("teacher_val"):
         lines.append(f"teacher on val: {_format(summary['teacher_val'])}")
