@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -87,14 +89,13 @@ class CocoDetection(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Target, int]:
-        from torchvision.io import ImageReadMode, decode_image
-
         path = self.images / self.files[i]
         try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as exc:
+            with Image.open(path) as file:
+                pixels = np.asarray(file.convert("RGB"))
+        except OSError as exc:
             raise DataError(f"cannot read image {path}: {first_line(exc)}") from None
-        return image, self.targets[i], i
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1), self.targets[i], i
 
 
 def coco_split(root: str | Path, split: str) -> CocoDetection:
