@@ -35,12 +35,13 @@ TAPS = {"cls_logits": "head.classification_head.cls_logits", "fpn": "backbone.fp
 
 
 def label_offset(model: nn.Module) -> int:
-    """1 for detectors with a background logit (Faster R-CNN: objects are 1..K), else 0 (objects 0..K-1)."""
-    return 1 if isinstance(model, FasterRCNN) else 0
+    """1 for detectors with a background logit (Faster R-CNN: objects are 1..K), else 0 (objects 0..K-1); a
+    model may say so itself (``model.label_offset``)."""
+    return int(getattr(model, "label_offset", 1 if isinstance(model, FasterRCNN) else 0))
 
 
 def _finish(model: nn.Module) -> nn.Module:
-    model.label_offset = label_offset(model)
+    model.label_offset = 1 if isinstance(model, FasterRCNN) else 0
     taps = dict(TAPS) if not isinstance(model, FasterRCNN) else {"fpn": TAPS["fpn"]}
     model.distill_taps = taps
     return model
