@@ -125,3 +125,36 @@ def test_other_fpn_levels_or_family_are_refused() -> None:
         check_pair(student, deeper)
     with pytest.raises(ConfigError, match="family RetinaNet.*family FasterRCNN"):
         check_pair(student, create_model("det_fasterrcnn_tiny", num_classes=4))
+
+
+def test_fpn_mimic_is_the_summed_level_mse_through_trainable_1x1_convs() -> None:
+    student, teacher = _retinanet_pair()  # FPN widths 16 (student) and 32 (teacher)
+    s_levels, t_levels = [], []
+    student.backbone.fpn.register_forward_hook(lambda m, a, o: s_levels.append([v.detach() for v in o.values()]))
+    teacher.backbone.fpn.register_forward_hook(lambda m, a, o: t_levels.append([v.detach() for v in o.values()]))
+    term = Term("mimic", build_loss("mimic"), 1.0, "fpn", "fpn")
+    distiller = Distiller(student, teacher, [term], DetectionStep().bind(student))
+    batch = _batch()
+    distiller.probe(batch)
+    (_, params), = distiller.term_parameters()
+    assert sum(p.numel() for p in params) == 4 * (16 * 32 + 32)  # one 1x1 conv 16 -> 32 per level
+    s_levels.clear(), t_levels.clear()
+    out = distiller(batch)
+    convs = distiller.term_losses[0][0].adapters
+    expected = sum(((torch.nn.functional.conv2d(s.double(), c.weight.double(), c.bias.double()) - t.double()) ** 2)
+                   .mean() for c, s, t in zip(convs, s_levels[0], t_levels[0], strict=True))
+    torch.testing.assert_close(out.losses["mimic"].double(), expected, rtol=1e-5, atol=1e-7)
+    out.losses["mimic"].backward()
+    assert all(p.grad is not None for p in params)
+    assert student.backbone.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
+
+
+def test_sigmoid_kd_is_the_bernoulli_kl_of_every_anchor_class_channel() -> None:
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, 3, 4, generator=gen), torch.randn(2, 6, 3, 4, generator=gen)
+    loss = build_loss("kd", activation="sigmoid", tau=2.0)(s, t)
+    ps, pt = (s.double() / 2).sigmoid(), (t.double() / 2).sigmoid()
+    kl = pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()
+    torch.testing.assert_close(loss.double(), 4 * kl.sum(1).mean())
+    with pytest.raises(ConfigError, match="activation"):
+        build_loss("kd", activation="tanh")
