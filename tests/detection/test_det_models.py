@@ -34,6 +34,8 @@ def test_resnext101_teacher_and_kwargs_reach_the_detector() -> None:
     model = create_model("tvdet_retinanet_resnext101_32x8d_fpn", num_classes=5, min_size=64, max_size=96,
                          anchor_sizes=[[16], [32], [64], [128], [256]], anchor_ratios=[1.0])
     assert model.backbone.body.layer1[0].conv2.groups == 32
+    authors_teacher = create_model("tvdet_fasterrcnn_resnext101_64x4d_fpn", num_classes=5)
+    assert authors_teacher.backbone.body.layer1[0].conv2.groups == 64
     assert model.transform.min_size == (64,) and model.transform.max_size == 96
     assert model.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
     assert model.head.classification_head.cls_logits.out_channels == 1 * 5

@@ -30,7 +30,7 @@ from distkd.errors import ConfigError
 from distkd.models import MODELS
 
 FAMILIES = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
-BACKBONES = ("resnet50", "resnext101_32x8d", "resnet18", "resnet34", "resnet101")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
 TAPS = {"cls_logits": "head.classification_head.cls_logits", "fpn": "backbone.fpn"}
 
 
@@ -220,7 +220,7 @@ def _tiny_box_head(channels: int, classes: int) -> dict[str, nn.Module]:
 
 def _register() -> None:
     for family in FAMILIES:
-        for backbone in ("resnet50", "resnext101_32x8d"):
+        for backbone in BACKBONES:
             MODELS.register(f"tvdet_{family}_{backbone}_fpn")(functools.partial(tvdet_model, family, backbone))
         MODELS.register(f"det_{family}_tiny")(functools.partial(tiny_detector, family))
     for name in ("retinanet_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"):
