@@ -19,5 +19,5 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def scenes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding small silhouette-scene datasets (written on first use by the ``scenes`` dataset)."""
+    """A folder for small silhouette-scene datasets (``data.kwargs.folder``; the ``scenes`` dataset writes them)."""
     return tmp_path_factory.mktemp("det_scenes")

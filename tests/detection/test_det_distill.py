@@ -158,3 +158,30 @@ def test_sigmoid_kd_is_the_bernoulli_kl_of_every_anchor_class_channel() -> None:
     torch.testing.assert_close(loss.double(), 4 * kl.sum(1).mean())
     with pytest.raises(ConfigError, match="activation"):
         build_loss("kd", activation="tanh")
+
+
+def test_mask_padding_keeps_padded_positions_of_every_level_out_of_dist() -> None:
+    student, teacher = _retinanet_pair()
+    path = student.distill_taps["cls_logits"]
+    s_calls, t_calls = _record(student, path), _record(teacher, path)
+    term = Term("dist", build_loss("dist", activation="sigmoid"), 1.0, "cls_logits", "cls_logits")
+    distiller = Distiller(student, teacher, [term], DetectionStep(mask_padding=True).bind(student))
+    batch = _batch()  # widths 80, 88, 96 at height 96: padded to 96 x 96
+    distiller.probe(batch)
+    s_calls.clear(), t_calls.clear()
+    out = distiller(batch)
+    total = torch.zeros((), dtype=torch.float64)
+    for s, t in zip(s_calls, t_calls, strict=True):
+        h, w = s.shape[2:]
+        ys, xs = torch.arange(h) * 96 // h, torch.arange(w) * 96 // w  # the pixel each position samples
+        keep = torch.stack([(ys[:, None] < 96) & (xs[None, :] < width) for width in (80, 88, 96)])
+        s64, t64 = (x.double().permute(0, 2, 3, 1)[keep] for x in (s, t))
+        ps, pt = s64.sigmoid(), t64.sigmoid()
+        total += (1 - _pearson(ps, pt, 1).mean()) + (1 - _pearson(ps, pt, 0).mean())
+        assert not keep.all() or h <= 3  # the coarse levels' positions all sample inside every image
+    torch.testing.assert_close(out.losses["dist"].double(), total, rtol=1e-5, atol=1e-6)
+    plain = Distiller(student, teacher, [Term("dist", build_loss("dist", activation="sigmoid"), 1.0, "cls_logits",
+                                              "cls_logits")], DetectionStep().bind(student))
+    plain.probe(batch)
+    unmasked = plain(batch).losses["dist"]
+    assert not torch.isclose(unmasked, out.losses["dist"])

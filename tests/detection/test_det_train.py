@@ -15,12 +15,13 @@ from distkd.engine.checkpoint import load_state
 from distkd.errors import ConfigError
 from distkd.models import create_model
 
-SMALL = ("data.kwargs={train: 192, val: 48, test: 32, size: 64}", "model.kwargs.min_size=64",
+SMALL = ("model.kwargs.min_size=64",
          "model.kwargs.max_size=64", "optim.lr=0.005", "schedule.warmup_epochs=0.5", "train.progress=none")
 
 
 def _config(name: str, scenes: Path, out: Path, *overrides: str) -> RunConfig:
-    return load_config(resolve_config_path(name), [f"data.root={scenes}", f"out_dir={out}", *SMALL, *overrides])
+    scenes_kwargs = f"data.kwargs={{train: 192, val: 48, test: 32, size: 64, folder: {scenes}}}"
+    return load_config(resolve_config_path(name), [scenes_kwargs, f"out_dir={out}", *SMALL, *overrides])
 
 
 @pytest.fixture(scope="module")

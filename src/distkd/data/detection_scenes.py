@@ -100,11 +100,11 @@ def default_root() -> Path:
     return Path(base) / "distkd" / "detection_scenes"
 
 
-def make_detection_scenes(root: str | Path | None = None, train: int = 2000, val: int = 300, test: int = 500,
+def make_detection_scenes(folder: str | Path | None = None, train: int = 2000, val: int = 300, test: int = 500,
                           seed: int = 0, size: int = 96) -> Path:
-    """The folder of these scenes (written once, atomically, under ``root``, default the user cache): a COCO
+    """The folder of these scenes (written once, atomically, under ``folder``, default the user cache): a COCO
     layout with splits ``train``, ``val``, ``test``."""
-    base = Path(root).expanduser() if root is not None else default_root()
+    base = Path(folder).expanduser() if folder is not None else default_root()
     folder = base / f"seed{seed}_size{size}_{train}-{val}-{test}"
     if folder.is_dir():
         return folder

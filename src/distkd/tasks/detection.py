@@ -16,6 +16,9 @@ What the distillation terms compare, as the DIST authors (hunto/MasKD's mmrazor 
   sampling are not used), so both score the same boxes.
 - ``fpn``: the FPN's output levels (an ordered dict), e.g. for the ``mimic`` loss.
 
+``loss.mask_padding`` keeps the positions that only see the batch's padding out of the per-level terms (the
+authors did not mask them).
+
 Detection trains in one process (the step calls the detector's parts, which DDP would not synchronise) and
 without the teacher-output cache (Faster R-CNN's teacher logits depend on the student's RoIs).
 """
@@ -76,9 +79,9 @@ def _scenes(cfg: DataConfig, seed: int) -> DetectionData:
     from distkd.data.detection_scenes import make_detection_scenes
 
     try:
-        root = make_detection_scenes(cfg.root, **cfg.kwargs)
+        root = make_detection_scenes(**cfg.kwargs)
     except TypeError as err:
-        raise ConfigError(f"data.kwargs of dataset 'scenes' (train, val, test, seed, size): {err}") from None
+        raise ConfigError(f"data.kwargs of dataset 'scenes' (train, val, test, seed, size, folder): {err}") from None
     has_test = cfg.kwargs.get("test", 1) > 0
     return _checked(coco_split(root, "train"), coco_split(root, "val"), coco_split(root, "test") if has_test else None)
 
@@ -90,7 +93,7 @@ def _checked(train: CocoDetection, val: CocoDetection, test: CocoDetection | Non
     return DetectionData(train, val, test, train.num_classes)
 
 
-USES = {"coco": {"root", "kwargs", "num_workers", "flip"}, "scenes": {"root", "kwargs", "num_workers", "flip"}}
+USES = {"coco": {"root", "kwargs", "num_workers", "flip"}, "scenes": {"kwargs", "num_workers", "flip"}}
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> DetectionData:
@@ -127,11 +130,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 class DetectionStep(nn.Module):
     """How a detector student and teacher are called (see the module docstring); ``loss_weight`` scales every
-    task loss of the student."""
+    task loss of the student. ``mask_padding``: the terms' context holds ``mask`` bool (N, H_pad, W_pad), False
+    on the padding the transform added to batch the images (the Distiller resamples it to each FPN level)."""
 
-    def __init__(self, loss_weight: float = 1.0) -> None:
+    def __init__(self, loss_weight: float = 1.0, mask_padding: bool = False) -> None:
         super().__init__()
         self.loss_weight = loss_weight
+        self.mask_padding = mask_padding
 
     def student(self, model: nn.Module, batch: Batch) -> tuple[dict[str, Any], dict[str, Tensor]]:
         model = _unwrap(model)
@@ -167,8 +172,15 @@ class DetectionStep(nn.Module):
         class_logits, _ = heads.box_predictor(heads.box_head(pooled))
         return {"out": class_logits}
 
-    def context(self, batch: Batch, student_output: Any) -> dict[str, Any]:
-        return {}
+    def context(self, batch: Batch, student_output: dict[str, Any]) -> dict[str, Any]:
+        if not self.mask_padding:
+            return {}
+        images = student_output["images"]
+        n, _, height, width = images.tensors.shape
+        mask = torch.zeros((n, height, width), dtype=torch.bool, device=images.tensors.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = True
+        return {"mask": mask}
 
     def bind(self, student: nn.Module) -> DetectionStep:
         """Remember the student's normalisation (the teacher's input is re-normalised from it)."""
@@ -248,10 +260,13 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     train, val, test = build_loaders(cfg, data, device)
     student = build_model(cfg.model, data.num_classes, "model")
     check_terms(cfg, student)
+    if cfg.loss.mask_padding and not is_dense(student):
+        raise ConfigError("loss.mask_padding masks positions of per-level outputs (RetinaNet, FCOS); Faster R-CNN's "
+                          "terms compare RoIs, which lie inside the images; remove it")
     teacher, terms = build_teacher_and_terms(cfg, data.num_classes)
     if teacher is not None:
         check_pair(student, teacher)
-    step = DetectionStep(cfg.loss.ce_weight).bind(student)
+    step = DetectionStep(cfg.loss.ce_weight, cfg.loss.mask_padding).bind(student)
     return TrainSetup(Distiller(student, teacher, terms, step), train, val, test, evaluate, metric="map")
 
 
