@@ -32,7 +32,7 @@ CONFIGS = {
 QUICK = {  # --quick: a shorter classification run; fewer scenes for segmentation
     "classification": ["train.epochs=4"],
     "segmentation": ["data.kwargs={train: 800, val: 200, test: 300}"],
-    "detection": ["data.kwargs={train: 600, val: 100, test: 200, size: 96}", "train.epochs=6"],
+    "detection": ["data.kwargs={train: 400, val: 100, test: 200, size: 96}", "train.epochs=5"],
 }
 DATA = {"classification": "Animal silhouettes (train 7,000 / val 1,000 / test 2,000)",
         "segmentation": "silhouette scenes (64x64, background + 10 classes)",
