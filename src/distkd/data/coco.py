@@ -164,7 +164,11 @@ class DetectionLoader:
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][:len(self)]
         batches = batches[self.start:]
         self.start = 0
-        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=_as_list, num_workers=self.num_workers)
+        # its own generator: a DataLoader otherwise draws its base seed from the global RNG, which would shift the
+        # training's random stream (e.g. Faster R-CNN's RoI sampling) when an epoch is resumed mid-way
+        own = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=_as_list, num_workers=self.num_workers,
+                            generator=own)
         for items in loader:
             images, targets, index = [], [], []
             for image, target, i in items:
