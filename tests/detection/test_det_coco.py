@@ -134,3 +134,13 @@ def test_evaluating_perfect_detections_gives_100_map_for_both_label_conventions(
     ]), "imgs")
     loader = DetectionLoader(data, batch_size=3, shuffle=False, drop_last=False, seed=0)
     assert evaluate(Oracle(data, offset), loader)["map"] == pytest.approx(100.0)
+
+
+def test_the_coco_dataset_reports_dropped_boxes_in_one_line(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from distkd.config import DataConfig
+    from distkd.tasks.detection import load_dataset
+
+    cfg = DataConfig(name="coco", root=str(_write(tmp_path)), kwargs={"train": "imgs", "val": "imgs", "test": None})
+    data = load_dataset(cfg, seed=0)
+    assert data.num_classes == 3 and data.test is None
+    assert "dropped boxes with no area inside their image: 2 in train, 2 in val" in capsys.readouterr().err

@@ -25,6 +25,7 @@ without the teacher-output cache (Faster R-CNN's teacher logits depend on the st
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,11 @@ def _checked(train: CocoDetection, val: CocoDetection, test: CocoDetection | Non
     for name, split in (("val", val), ("test", test)):
         if split is not None and split.category_ids != train.category_ids:
             raise ConfigError(f"the {name} split's categories differ from train's; use one category list")
+    dropped = {name: split.dropped_boxes for name, split in (("train", train), ("val", val), ("test", test))
+               if split is not None and split.dropped_boxes}
+    if dropped and distributed.is_main():
+        counts = ", ".join(f"{n} in {name}" for name, n in dropped.items())
+        print(f"note: dropped boxes with no area inside their image: {counts}", file=sys.stderr, flush=True)
     return DetectionData(train, val, test, train.num_classes)
 
 
@@ -124,10 +130,6 @@ def is_dense(model: nn.Module) -> bool:
     return not isinstance(model, FasterRCNN)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 class DetectionStep(nn.Module):
     """How a detector student and teacher are called (see the module docstring); ``loss_weight`` scales every
     task loss of the student. ``mask_padding``: the terms' context holds ``mask`` bool (N, H_pad, W_pad), False
@@ -139,7 +141,6 @@ class DetectionStep(nn.Module):
         self.mask_padding = mask_padding
 
     def student(self, model: nn.Module, batch: Batch) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        model = _unwrap(model)
         offset = label_offset(model)
         targets = [{"boxes": t["boxes"], "labels": t["labels"] + offset} for t in batch.target]
         images, targets = model.transform(batch.inputs, targets)
