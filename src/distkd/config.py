@@ -92,6 +92,7 @@ class LossConfig:
     distill: list[TermConfig] = field(default_factory=list)
     aux_weight: float = field(default=0.4, metadata=_check(0))  # segmentation: weight of the aux-head CE
     mask_ignore: bool = False  # segmentation: keep ignore-label (255) pixels out of the distillation terms
+    mask_padding: bool = False  # detection: keep the batch's padding out of the per-level distillation terms
 
 
 @dataclass
