@@ -24,6 +24,7 @@ TERMS: dict[str, dict] = {
     "kd": {}, "deit": {}, "dist": {}, "dkd": {}, "ls_kd": {}, "ls_dkd": {}, "ls_dist": {}, "mlkd": {}, "ctkd": {},
     "nkd": {}, "wttm": {},
     "fitnet": {"student": "layer2", "teacher": "layer2"},
+    "mimic": {"student": "layer2", "teacher": "layer2"},
     "at": {"student": "layer3", "teacher": "layer3"},
     "nst": {"student": "layer3", "teacher": "layer3"},
     "sp": {"student": "layer3", "teacher": "layer3"},

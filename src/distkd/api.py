@@ -54,8 +54,8 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
         teacher_cache=dataclasses.replace(cfg.teacher_cache, views=0),
         optim=dataclasses.replace(cfg.optim, lr=stage.lr or cfg.optim.lr),
         schedule=ScheduleConfig(name="constant"),
-        train=dataclasses.replace(cfg.train, epochs=stage.epochs, max_steps=None, ema_decay=None, eval_every=None,
-                                  freeze=stage.freeze))
+        train=dataclasses.replace(cfg.train, epochs=stage.epochs, max_steps=None, ema_decay=None, select_ema=False,
+                                  eval_every=None, freeze=stage.freeze))
 
 
 def _train_staged(cfg: RunConfig, device: torch.device, resume: bool) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from distkd.demo import run_demo
 
-    out = args.out or ("runs/demo_seg" if args.task == "segmentation" else "runs/demo")
+    out = args.out or {"segmentation": "runs/demo_seg", "detection": "runs/demo_det"}.get(args.task, "runs/demo")
     run_demo(Path(out), seeds=args.seeds, quick=args.quick, task=args.task)
 
 
@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
-    p.add_argument("--task", choices=("classification", "segmentation"), default="classification")
-    p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg for segmentation)")
+    p.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg, runs/demo_det)")
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     p.set_defaults(func=_demo)

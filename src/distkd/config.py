@@ -92,6 +92,7 @@ class LossConfig:
     distill: list[TermConfig] = field(default_factory=list)
     aux_weight: float = field(default=0.4, metadata=_check(0))  # segmentation: weight of the aux-head CE
     mask_ignore: bool = False  # segmentation: keep ignore-label (255) pixels out of the distillation terms
+    mask_padding: bool = False  # detection: keep the batch's padding out of the per-level distillation terms
 
 
 @dataclass
@@ -177,6 +178,9 @@ class TrainConfig:
     sync_bn: bool = False
     grad_clip: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
     ema_decay: float | None = field(default=None, metadata=_check(0, 1))
+    # the best checkpoint chosen by the EMA's val metric and best.pt's model holding the EMA weights (the DIST
+    # authors' tools/train.py: their checkpoint manager ranks epochs by the EMA's top-1); needs ema_decay
+    select_ema: bool = False
     threads: int | None = field(default=None, metadata=_check(1))
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     max_steps: int | None = field(default=None, metadata=_check(1))  # optimizer steps; replaces epochs when set
@@ -191,6 +195,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"config: train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.select_ema and not self.ema_decay:
+            raise ConfigError("config: train.select_ema chooses the best checkpoint by the EMA's accuracy but "
+                              "train.ema_decay is not set; set train.ema_decay (e.g. 0.9999) or remove select_ema")
 
 
 @dataclass

@@ -269,7 +269,7 @@ class Distiller(nn.Module):
                 total: Tensor | float = 0.0
                 term_parts: dict[str, Tensor] = {}
                 for loss, (s, t) in zip(term_losses, pairs, strict=True):
-                    value, value_parts = loss(s, t, return_parts=True, **context)
+                    value, value_parts = loss(s, t, return_parts=True, **_fitted_mask(context, s))
                     total = total + value
                     for key, part in value_parts.items():
                         term_parts[key] = term_parts.get(key, 0.0) + part.detach()
@@ -327,6 +327,17 @@ def _select(output: Any, taps: FeatureTaps | None, key: str, role: str) -> list[
     if not calls:
         raise ConfigError(f"the {role}'s module '{key}' was not called in the forward pass; tap a module it runs")
     return list(calls)
+
+
+def _fitted_mask(context: dict[str, Any], x: Any) -> dict[str, Any]:
+    """``context`` with its dense ``mask`` bool (N, H, W) resampled (nearest) to the spatial size of the compared
+    map x (N, C, h, w) when they differ, e.g. one image-level mask for every FPN level; else ``context``."""
+    mask = context.get("mask")
+    if (not isinstance(mask, Tensor) or not isinstance(x, Tensor) or mask.dim() < 2 or x.dim() != mask.dim() + 1
+            or mask.shape[1:] == x.shape[2:]):
+        return context
+    resized = torch.nn.functional.interpolate(mask[:, None].float(), size=x.shape[2:], mode="nearest")[:, 0]
+    return context | {"mask": resized > 0.5}
 
 
 def _as_list(key: str | list[str]) -> list[str]:

@@ -32,7 +32,7 @@ from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_atomic
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
-from distkd.engine.optim import build_optimizer, build_scheduler, param_groups
+from distkd.engine.optim import build_optimizer, build_scheduler, decay_exempt, param_groups
 from distkd.engine.plot import plot_run
 from distkd.errors import CheckpointError, ConfigError, DistkdError, first_line
 from distkd.registry import nearest
@@ -129,7 +129,8 @@ class Trainer:
     def _param_groups(self) -> list[dict]:
         """The student's groups, then each term's own (its ``lr``/``weight_decay``, or the optimizer's)."""
         optim = self.cfg.optim
-        groups = param_groups(self.student.parameters(), optim.weight_decay, optim.no_decay_norm_bias)
+        groups = param_groups(self.student.parameters(), optim.weight_decay, optim.no_decay_norm_bias,
+                              decay_exempt(self.student))
         for term, params in self.distiller.term_parameters():
             decay = optim.weight_decay if term.weight_decay is None else term.weight_decay
             for group in param_groups(params, decay, optim.no_decay_norm_bias):
@@ -268,14 +269,18 @@ class Trainer:
         distributed.broadcast_buffers(self.distiller.term_losses)  # adapters' BatchNorm statistics too
         val = self.setup.evaluate(self.student, self.setup.val)
         record |= {f"val/{k}": v for k, v in val.items()}
+        selected, score = self.student, val[self.setup.metric]
         if self.ema is not None:
             distributed.broadcast_buffers(self.ema.module)
-            record |= {f"ema_val/{k}": v for k, v in self.setup.evaluate(self.ema.module, self.setup.val).items()}
+            ema_val = self.setup.evaluate(self.ema.module, self.setup.val)
+            record |= {f"ema_val/{k}": v for k, v in ema_val.items()}
+            if self.cfg.train.select_ema:  # the EMA's metric chooses best.pt, which then holds the EMA weights
+                selected, score = self.ema.module, ema_val[self.setup.metric]
         self.evaluated_at = self.step
         self.log.write(record, step=self.step)  # before last.pt: a resume drops it if last.pt is older
-        if val[self.setup.metric] > self.best["value"]:
-            self.best = {"epoch": self.epoch, "step": self.step, "value": val[self.setup.metric]}
-            self._save("best.pt", weights_only=True)
+        if score > self.best["value"]:
+            self.best = {"epoch": self.epoch, "step": self.step, "value": score}
+            self._save("best.pt", weights_only=True, model=selected)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -327,13 +332,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, name: str, weights_only: bool = False) -> None:
-        """Rank 0 writes; every rank calls (each rank's RNG state is gathered into the checkpoint)."""
+    def _save(self, name: str, weights_only: bool = False, model: nn.Module | None = None) -> None:
+        """Rank 0 writes; every rank calls (each rank's RNG state is gathered into the checkpoint). ``model``: the
+        weights saved as ``model`` (the student unless given: best.pt under ``train.select_ema`` holds the EMA's)."""
         rng = None if weights_only else [_plain(r) for r in distributed.gather_objects(_rng_state())]
         if not self.is_main:
             return
         state: dict[str, Any] = {
-            "model": self.student.state_dict(),  # the student alone: loads strictly into the bare model
+            "model": (model or self.student).state_dict(),  # the student alone: loads strictly into the bare model
             "terms": self.distiller.term_state_dict(),  # the distillation terms' own state (adapters, ...)
             "ema": self.ema.module.state_dict() if self.ema else None,
             "epoch": self.epoch,
@@ -493,13 +499,14 @@ def _report(cfg: RunConfig, summary: dict[str, Any]) -> str:
     for key in ("best_val", "best_test", "last_val", "last_test", "ema_last_test"):
         if key in summary:
             lines.append(f"| {key} | {summary[key]:.4f} |")
+    chosen = " (the EMA weights, chosen by the EMA's val metric)" if cfg.train.select_ema else ""
     if summary.get("test_is_val"):
         selection = ("the dataset has no separate test split: the test figures are the val figures, on the very "
                      "images the best checkpoint was selected on")
     else:
         selection = "test is never used to select" if "best_test" in summary else "there is no test split"
-    lines += ["", f"best on val: epoch {summary['best_epoch']} of {summary['epochs']}, step {summary['best_step']} of "
-              f"{summary['steps']} ({selection}).",
+    lines += ["", f"best on val{chosen}: epoch {summary['best_epoch']} of {summary['epochs']}, step "
+              f"{summary['best_step']} of {summary['steps']} ({selection}).",
               _sizes_line(summary) + "."]
     if summary.get("teacher_val"):
         lines.append(f"teacher on val: {_format(summary['teacher_val'])}")

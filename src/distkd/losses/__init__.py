@@ -8,6 +8,8 @@ and ``epoch`` (int); a loss ignores what it does not use.
 - ``DIST`` (``"dist"``): inter- and intra-class Pearson relations (Huang et al., NeurIPS 2022).
 - ``KD`` (``"kd"``): ``tau**2 * KL(teacher || student)`` of softened probabilities (Hinton et al.).
 - ``DKD`` (``"dkd"``): decoupled target / non-target KD (Zhao et al., CVPR 2022); needs ``target``.
+- ``Mimic`` (``"mimic"``): MSE between FPN levels through a learnable 1x1 conv per level (detection's
+  "DIST + mimic"); the convs are trainable state sized by the shape probe.
 - ``FitNet`` (``"fitnet"``): MSE between a learnable regressor of the student's feature map and the
   teacher's (Romero et al., ICLR 2015); the regressor is trainable state sized by the shape probe.
 - Feature and relation methods as RepDistiller computes them: ``AT`` (``"at"``), ``NST`` (``"nst"``),
@@ -61,6 +63,7 @@ from distkd.losses.factor import FactorTransfer  # noqa: E402
 from distkd.losses.fitnet import FitNet  # noqa: E402
 from distkd.losses.fsp import FSP  # noqa: E402
 from distkd.losses.kd import KD  # noqa: E402
+from distkd.losses.mimic import Mimic  # noqa: E402
 from distkd.losses.mlkd import MLKD  # noqa: E402
 from distkd.losses.nkd import NKD  # noqa: E402
 from distkd.losses.ofd import OFD  # noqa: E402
@@ -71,5 +74,5 @@ from distkd.losses.vid import VID  # noqa: E402
 from distkd.losses.wttm import WTTM  # noqa: E402
 
 __all__ = ["AT", "CC", "CRD", "CTKD", "DIST", "DKD", "FSP", "KD", "KDSVD", "LOSSES", "LSDIST", "LSDKD", "LSKD", "MLKD",
-           "NKD", "NST", "OFD", "PKT", "RKD", "SP", "VID", "WTTM", "ActivationBoundary", "DeiT", "FactorTransfer",
-           "FitNet", "ReviewKD", "build_loss", "list_losses"]
+           "Mimic", "NKD", "NST", "OFD", "PKT", "RKD", "SP", "VID", "WTTM", "ActivationBoundary", "DeiT",
+           "FactorTransfer", "FitNet", "ReviewKD", "build_loss", "list_losses"]

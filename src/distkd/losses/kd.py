@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distkd.errors import ConfigError
 from distkd.losses import LOSSES
 from distkd.losses._inputs import as_instances, check_positive, instance_mask, masked_mean, zero_masked
 
@@ -13,19 +14,26 @@ from distkd.losses._inputs import as_instances, check_positive, instance_mask, m
 class KD(nn.Module):
     """``tau**2 * KL(softmax(t / tau) || softmax(s / tau))``, averaged over instances.
 
+    ``activation="sigmoid"`` (detectors with sigmoid classifiers, e.g. RetinaNet's per-level anchor-class
+    channels): each channel is a Bernoulli ``sigmoid(z / tau)``, the KL of every channel summed per instance.
+
     Logits are ``(N, C)`` or dense ``(N, C, d1, ..., dk)`` (class dim 1; every position is one
     instance). fp16/bf16 inputs are computed in fp32; the teacher is detached.
 
     Args:
         tau: temperature (> 0).
+        activation: ``"softmax"`` over classes, or ``"sigmoid"`` per class.
     """
 
-    def __init__(self, tau: float = 4.0) -> None:
+    def __init__(self, tau: float = 4.0, activation: str = "softmax") -> None:
         super().__init__()
         self.tau = check_positive("tau", tau)
+        if activation not in ("softmax", "sigmoid"):
+            raise ConfigError(f"unknown activation {activation!r}; choose one of softmax, sigmoid")
+        self.activation = activation
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}"
+        return f"tau={self.tau}, activation={self.activation!r}"
 
     def forward(
         self,
@@ -48,9 +56,14 @@ class KD(nn.Module):
         """
         z_s, z_t = as_instances(student, teacher)
         keep = instance_mask(mask, student.shape)
-        log_p_s = (zero_masked(z_s, keep) / self.tau).log_softmax(1)
-        log_p_t = (zero_masked(z_t, keep) / self.tau).log_softmax(1)
-        divergence = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1, keepdim=True)
+        s, t = zero_masked(z_s, keep) / self.tau, zero_masked(z_t, keep) / self.tau
+        if self.activation == "sigmoid":  # KL of Bernoulli(sigmoid(t)) || Bernoulli(sigmoid(s)) per channel
+            p_t = t.sigmoid()
+            divergence = (p_t * (F.logsigmoid(t) - F.logsigmoid(s))
+                          + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))).sum(1, keepdim=True)
+        else:
+            divergence = F.kl_div(s.log_softmax(1), t.log_softmax(1), reduction="none", log_target=True).sum(
+                1, keepdim=True)
         kl = masked_mean(divergence, None if keep is None else keep.to(divergence.dtype))
         loss = self.tau**2 * kl
         if return_parts:

@@ -57,4 +57,4 @@ def list_models() -> list[str]:
 
 def _register_all() -> None:
     """Import the model families so their ``@MODELS.register`` decorators run (idempotent)."""
-    from distkd.models import cifar, mobilenet_v1, segmentation, small  # noqa: F401
+    from distkd.models import cifar, detection, mobilenet_v1, segmentation, small  # noqa: F401

@@ -16,6 +16,7 @@ from distkd.registry import nearest
 _TASKS: dict[str, str] = {
     "classification": "distkd.tasks.classification",
     "segmentation": "distkd.tasks.segmentation",
+    "detection": "distkd.tasks.detection",
 }
 
 
