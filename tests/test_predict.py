@@ -91,3 +91,17 @@ def test_bad_predict_inputs_are_one_line_errors(teacher_run, images, tmp_path, c
     assert main(["predict", str(run_dir), str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "holds no image files" in err and err.count("\n") == 1
+
+
+def test_a_malformed_sidecar_is_a_one_line_error(teacher_run, images, tmp_path) -> None:
+    from distkd.errors import CheckpointError
+
+    run_dir, _ = teacher_run
+    path = Path(export(run_dir, "state_dict", tmp_path / "s.pt")["path"])
+    sidecar = json.loads(Path(f"{path}.json").read_text())
+    Path(f"{path}.json").write_text(json.dumps({**sidecar, "preprocess": {"channels": 2}}))
+    with pytest.raises(CheckpointError, match=r"the preprocessing record .* is malformed \(KeyError"):
+        predict(path, [images / "a.png"])
+    Path(f"{path}.json").write_text(json.dumps({"format": "state_dict"}))
+    with pytest.raises(CheckpointError, match="is not a distkd export sidecar"):
+        predict(path, [images / "a.png"])
