@@ -75,3 +75,50 @@ def fast_overrides() -> tuple[str, ...]:
 def run_train() -> Callable[..., dict]:
     """``run_train(cfg, resume=False)``: see :func:`train_quietly`."""
     return train_quietly
+
+
+def write_image_folder(root: Path, classes: tuple[str, ...] = ("ant", "bee", "cat"), per_split: dict | None = None,
+                       size: int = 40, seed: int = 0) -> Path:
+    """``root/<split>/<class>/<i>.png``: RGB images tinted by class (a learnable signal) plus noise; ``per_split``
+    maps split folder names to images per class (default train 8, val 3)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (per_split or {"train": 8, "val": 3}).items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            tint = np.zeros(3)
+            tint[c % 3] = 120
+            for i in range(count):
+                pixels = np.clip(rng.normal(70, 40, size=(size, size + 6, 3)) + tint, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+# a teacher on a generated image folder: 32-pixel inputs, the smallest demo CNN on RGB, one epoch, no workers
+FOLDER_TRAIN = ("data.name=imagefolder", "data.image_size=32", "data.num_workers=0", "data.batch_size=6",
+                "data.eval_batch_size=16", "model.kwargs.in_chans=3", "train.epochs=1")
+
+
+@pytest.fixture(scope="session")
+def folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A one-epoch teacher on a generated 3-class image folder (no test/): ``(folder, run_dir, summary)``."""
+    base = tmp_path_factory.mktemp("folder_run")
+    folder = write_image_folder(base / "images")
+    cfg = demo_config("demo/teacher.yaml", base / "runs", "model.name=small_cnn3_w4", f"data.root={folder}",
+                      *FOLDER_TRAIN)
+    return folder, cfg.run_dir, train_quietly(cfg)
+
+
+@pytest.fixture(scope="session")
+def image_folder() -> Callable[..., Path]:
+    """``image_folder(root, classes=..., per_split=..., size=..., seed=...)``: see :func:`write_image_folder`."""
+    return write_image_folder
+
+
+@pytest.fixture(scope="session")
+def folder_train() -> tuple[str, ...]:
+    """The overrides that train on a generated image folder quickly (with ``data.root=`` added)."""
+    return FOLDER_TRAIN

@@ -33,8 +33,13 @@ def test_models_lists_registered_names_and_the_adapters(capsys: pytest.CaptureFi
 
 def test_configs_lists_the_bundled_demo_configs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["configs"]) == 0
-    listed = capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines]
     assert {"demo/teacher.yaml", "demo/student.yaml", "demo/kd.yaml", "demo/dist.yaml"} <= set(listed)
+    teacher = lines[listed.index("demo/teacher.yaml")]
+    assert teacher.split(None, 1)[1] == ("The demo's teacher: a 6-conv CNN (288k parameters) on the embedded "
+                                         "silhouettes.")
+    assert all(len(line.split()) > 1 for line in lines)  # every bundled config says what it trains
 
 
 def test_a_bad_override_is_one_error_line_with_exit_status_2(tmp_path: Path) -> None:
@@ -64,7 +69,7 @@ def test_eval_prints_json_metrics_of_a_checkpoint(
     run_dir, summary = teacher_run
     assert main(["eval", str(run_dir / "checkpoints" / "last.pt"), "--split", "test"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) == {"top1", "top5", "loss"}
+    assert set(metrics) == {"split", "top1", "top5", "loss"} and metrics["split"] == "test"
     assert metrics["top1"] == summary["last_test"]
     assert main(["eval", str(run_dir / "checkpoints" / "best.pt")]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == summary["best_val"]
@@ -75,8 +80,45 @@ def test_resume_with_another_config_is_refused_naming_the_key(
 ) -> None:
     run_dir = teacher_run[0]
     args = ["train", "demo/teacher.yaml", *fast_overrides, f"out_dir={run_dir.parent}", "model.name=small_cnn3_w4",
-            "train.epochs=3", "--resume"]
+            "train.epochs=1", "--resume"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot resume ") and "config differs in train.epochs" in err
+    assert err.startswith("error: cannot resume ")
+    assert "config differs in train.epochs (train.epochs may only grow" in err
     assert err.count("\n") == 1
+
+
+def test_train_resumes_a_run_folder_with_its_saved_config_even_moved(
+    teacher_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    run_dir, summary = teacher_run
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(run_dir, moved)
+    assert main(["train", str(moved)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {moved} is a run folder: add --resume to continue it with its saved config, or give a " \
+                  "config file to start a new run\n"
+    assert main(["train", str(moved), "train.progress=lines", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"run folder: {moved}\n") and f"resumed from {moved}/checkpoints/last.pt" in out
+    assert out.count('"best_val"') == 1 and out.rstrip().endswith(f"report: {moved / 'report.md'}")
+    assert json.loads((moved / "summary.json").read_text()) == summary  # the finished run, read where it lies now
+
+
+def test_more_epochs_extend_a_finished_run_with_the_schedule_recomputed(
+    make_config, run_train, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = make_config("demo/teacher.yaml", tmp_path, "train.epochs=1", "schedule.warmup_epochs=0", "name=short")
+    run_train(cfg)
+    capsys.readouterr()
+    assert main(["train", str(cfg.run_dir), "train.epochs=3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "extending the run from 1 to 3 epochs at step 54: the lr schedule is recomputed over 3 epochs" in out
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    # cosine over 3 epochs from lr 0.1: at the end of epoch 2, 0.1 * (1 + cos(2 pi / 3)) / 2 = 0.025
+    assert records[1]["lr"] == pytest.approx(0.025) and records[2]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert "epochs: 3" in (cfg.run_dir / "config.yaml").read_text()
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["epochs"] == 3

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from distkd.cli import main
+from distkd.config import RunConfig, load_config, resolve_config_path
 from distkd.data.imagefolder import load_imagefolder
 from distkd.errors import ConfigError, UnknownNameError
 from distkd.models import create_model
@@ -51,7 +52,7 @@ def test_list_names_every_table_and_row(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["reproduce", "--list"]) == 0
     text = capsys.readouterr().out
     for name in ("cifar100", "cifar100-kd", "cifar100-dkd", "cifar100-baselines", "imagenet-b1", "imagenet-b2",
-                 "imagenet-b3", "silhouettes-strength"):
+                 "imagenet-b3", "imagenet-kd-vs-dist", "silhouettes-strength"):
         assert f"{name}: " in text
         for row in TABLES[name].rows:
             assert f"  {row.name} " in text
@@ -215,22 +216,39 @@ def _write_imagefolder(root: Path, classes: int = 2, per_class: int = 4) -> None
 
 
 @pytest.mark.slow
-def test_imagenet_row_runs_with_a_local_teacher_file(tmp_path: Path, one_thread: None) -> None:
+@pytest.mark.parametrize(("table", "row", "teacher_name", "share", "number"), [
+    ("imagenet-b1", "resnet34-resnet18", "timm_resnet34.tv_in1k", 32, 72.07),
+    ("imagenet-b2", "resnet50sb-resnet18", "timm_resnet50.a1_in1k", 96, 74.5),
+])
+def test_imagenet_row_runs_with_a_local_teacher_file(tmp_path: Path, one_thread: None, table: str, row: str,
+                                                     teacher_name: str, share: int, number: float) -> None:
     _write_imagefolder(tmp_path / "images")
-    teacher = create_model("timm_resnet34.tv_in1k", num_classes=2)
-    torch.save(teacher.state_dict(), tmp_path / "resnet34.pth")
+    teacher = create_model(teacher_name, num_classes=2)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
     out = tmp_path / "rep"
     overrides = [*TINY, f"data.root={tmp_path / 'images'}", "data.image_size=64", "data.batch_size=4",
-                 "data.eval_batch_size=8", "data.num_workers=0", "train.epochs=1"]
-    text = reproduce("imagenet-b1", ["resnet34-resnet18"], 1, out, overrides,
-                     [f"resnet34-resnet18={tmp_path / 'resnet34.pth'}"])
-    summary = json.loads((out / "imagenet-b1" / "resnet34-resnet18" / "seed0" / "summary.json").read_text())
+                 "data.eval_batch_size=8", "data.num_workers=0", "train.epochs=1",
+                 "loss.distill.0.kwargs.intra_group_size=4"]  # the config's group (a GPU's share) exceeds this batch
+    assert _load_row(table, row).loss.distill[0].kwargs["intra_group_size"] == share
+    text = reproduce(table, [row], 1, out, overrides, [f"{row}={tmp_path / 'teacher.pth'}"])
+    run = out / table / row / "seed0"
+    summary = json.loads((run / "summary.json").read_text())
     # The teacher the row used is the file's: its val loss is the one we compute here from the file.
-    data = load_imagefolder(str(tmp_path / "images"), preset="b1", image_size=64, val_size=0, seed=0)
+    preset = _load_row(table, row).data.preset
+    data = load_imagefolder(str(tmp_path / "images"), preset=preset, image_size=64, val_size=0, seed=0)
     x, y = default_collate([data.val[i] for i in range(len(data.val))])
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(teacher.eval()(x), torch.as_tensor(y)).item()
     assert summary["teacher_val"]["loss"] == pytest.approx(loss, rel=1e-3)
-    gap = summary["best_test"] - 72.07
-    assert f"| {summary['best_test']:.2f} ± 0.00 | 72.07 | {gap:+.2f} |" in text
+    gap = summary["best_test"] - number
+    assert f"| {summary['best_test']:.2f} ± 0.00 | {number:.2f} | {gap:+.2f} |" in text
     assert not (out / "teachers").exists()  # the teacher came from the file, nothing was trained for it
+    if table == "imagenet-b2":  # select_ema: best.pt holds the EMA weights (one epoch: the last EMA)
+        best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+        last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert all(torch.equal(best["model"][k], v) for k, v in last["ema"].items())
+        assert not all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
+
+
+def _load_row(table: str, row: str) -> RunConfig:
+    return load_config(resolve_config_path(TABLES[table].row(row).student.config))

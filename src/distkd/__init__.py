@@ -19,7 +19,7 @@ _EXPORTS = {
     "DIST": "distkd.losses", "DKD": "distkd.losses", "KD": "distkd.losses", "build_loss": "distkd.losses",
     "list_losses": "distkd.losses", "create_model": "distkd.models", "list_models": "distkd.models",
     "Distiller": "distkd.distill", "Term": "distkd.distill", "DistkdError": "distkd.errors",
-    "RunConfig": "distkd.config", "load_config": "distkd.config", "train": "distkd.api",
+    "RunConfig": "distkd.config", "load_config": "distkd.config", "train": "distkd.api", "fit": "distkd.api",
     "evaluate_checkpoint": "distkd.api",
 }
 __all__ = sorted(_EXPORTS)

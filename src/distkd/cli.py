@@ -1,4 +1,4 @@
-"""The ``distkd`` command line: train, eval, demo, compare, cache, models, configs, reproduce, bench.
+"""The ``distkd`` command line: train, eval, export, predict, demo, compare, cache, models, configs, reproduce, bench.
 
 Errors distkd raises on purpose are printed as one line (``error: ...``) with exit status 2.
 """
@@ -18,7 +18,10 @@ from distkd.errors import ConfigError, DistkdError
 def _train(args: argparse.Namespace) -> None:
     from distkd.config import load_config
 
-    cfg = load_config(resolve_config_path(args.config), args.overrides)  # config errors come before torch loads
+    cfg = load_config(*_train_config(args))  # config errors come before torch loads
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank returns the same summary
+    if main_rank:
+        print(f"run folder: {cfg.run_dir}", flush=True)
 
     from distkd.api import train
 
@@ -31,25 +34,60 @@ def _train(args: argparse.Namespace) -> None:
             advice = "it stopped before its first checkpoint: run the same command again to start it over"
         print(f"interrupted; {advice}", file=sys.stderr)
         raise SystemExit(130) from None
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same summary
+    if main_rank:
         print(json.dumps(summary, indent=2))
+        print(f"report: {cfg.run_dir / 'report.md'}")
+
+
+def _train_config(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The config file and overrides of ``distkd train``: a run folder given with --resume continues with its saved
+    config (where it now lies), and the overrides given now on top."""
+    folder = Path(args.config)
+    if not folder.is_dir():
+        return resolve_config_path(args.config), args.overrides
+    if not args.resume:
+        raise ConfigError(f"{folder} is a run folder: add --resume to continue it with its saved config, or give a "
+                          "config file to start a new run")
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"{folder} holds no config.yaml, so it is not a run folder; give the folder `distkd train` "
+                          "printed as 'run folder', or a config file")
+    where = [f"out_dir={folder.resolve().parent}", f"name={folder.resolve().name}"]
+    return folder / "config.yaml", [*where, *args.overrides]
 
 
 def _eval(args: argparse.Namespace) -> None:
+    overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
     if args.checkpoint.endswith((".yaml", ".yml")):  # a config whose model.checkpoint names the weights
         from distkd.config import load_config
 
-        cfg = load_config(args.checkpoint, args.overrides)  # config errors come before torch loads
+        cfg = load_config(args.checkpoint, overrides)  # config errors come before torch loads
 
         from distkd.api import evaluate_config
 
-        print(json.dumps(evaluate_config(cfg, args.split, scales=args.scales, flip=args.flip), indent=2))
-        return
-    if args.overrides:
-        raise ConfigError("key=value overrides go with a config: distkd eval CONFIG model.checkpoint=PATH ...")
-    from distkd.api import evaluate_checkpoint
+        metrics = evaluate_config(cfg, args.split, scales=args.scales, flip=args.flip, per_class=args.per_class)
+    else:
+        from distkd.api import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, scales=args.scales, flip=args.flip), indent=2))
+        metrics = evaluate_checkpoint(args.checkpoint, args.split, scales=args.scales, flip=args.flip,
+                                      overrides=overrides, per_class=args.per_class)
+    print(json.dumps({"split": args.split, **({"data": args.data} if args.data else {}), **metrics}, indent=2))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from distkd.export import export
+
+    info = export(args.source, args.format, args.out, last=args.last, ema=args.ema)
+    check = info["check"]
+    print(f"exported {info['source']['weights']} weights of {info['source']['checkpoint']} as {args.format}: "
+          f"{info['path']} (+ {info['sidecar']}); checked on {check['inputs']}: max |logit difference| "
+          f"{check['max_abs_difference']:.3g} (allowed {check['tolerance']:.3g})")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from distkd.predict import format_table, predict
+
+    results = predict(args.source, args.images, top_k=args.top_k)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -88,7 +126,11 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _configs(args: argparse.Namespace) -> None:
-    print("\n".join(bundled_configs()))
+    from distkd.config import config_description
+
+    names = bundled_configs()
+    width = max(map(len, names))
+    print("\n".join(f"{name:<{width}}  {config_description(name)}".rstrip() for name in names))
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -128,24 +170,50 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distkd import __version__
+
     parser = argparse.ArgumentParser(prog="distkd", description="Knowledge distillation from a stronger teacher.")
+    parser.add_argument("--version", action="version", version=f"distkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a teacher (no distillation terms) or a student (with a teacher)")
-    p.add_argument("config", help="YAML file, or a bundled name from `distkd configs`")
+    p.add_argument("config", help="YAML file, or a bundled name from `distkd configs`, or with --resume a run folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.05")
-    p.add_argument("--resume", action="store_true", help="continue the run's checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run's checkpoints/last.pt (given a run "
+                   "folder: with its saved config)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset, or a config's model.checkpoint weights")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset (or another), or a config's "
+                       "model.checkpoint weights")
     p.add_argument("checkpoint", help="a distkd checkpoint (best.pt, last.pt), or a YAML config")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="with a config: e.g. model.checkpoint=PATH")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the checkpoint's saved config or to "
+                   "the config, e.g. data.root=OTHER or model.checkpoint=PATH")
     p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--data", metavar="ROOT", help="evaluate on this dataset root instead (an image folder with the "
+                   "same classes; the same as data.root=ROOT)")
+    p.add_argument("--per-class", action="store_true", help="classification: also each class's top-1 and the "
+                   "confusion matrix (rows: true class, columns: predicted)")
     p.add_argument("--scales", type=float, nargs="+", metavar="S", help="segmentation: average the predictions "
                    "over these input scales (e.g. 0.5 0.75 1.0 1.25 1.5 1.75; default: 1.0 alone, the authors' "
                    "reported protocol)")
     p.add_argument("--flip", action="store_true", help="segmentation: also average over mirrored inputs")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="write a run's student alone (state_dict, safetensors, torchscript, onnx) with "
+                       "its class names and preprocessing in a JSON beside it")
+    p.add_argument("source", help="a run folder (its checkpoints/best.pt) or a distkd checkpoint")
+    p.add_argument("--format", required=True, choices=("state_dict", "safetensors", "torchscript", "onnx"))
+    p.add_argument("--out", help="output file (default <run>/export/student.<ext>)")
+    p.add_argument("--last", action="store_true", help="the run's last checkpoint instead of the best on val")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (runs with train.ema_decay)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="top-k classes of image files, from a run, a checkpoint or an exported file")
+    p.add_argument("source", help="an exported file (with its .json beside it), a run folder or a distkd checkpoint")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
     p.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification")
@@ -172,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model names")
     p.set_defaults(func=_models)
-    p = sub.add_parser("configs", help="list the bundled configs")
+    p = sub.add_parser("configs", help="list the bundled configs, each with a line on what it trains")
     p.set_defaults(func=_configs)
     p = sub.add_parser("reproduce", help="re-run a published table (teachers, rows x seeds) beside the paper's numbers")
     p.add_argument("table", nargs="?", help="table name; `distkd reproduce --list` lists them")

@@ -32,11 +32,28 @@ def _check(minimum: float | None = None, maximum: float | None = None, exclusive
 
 @dataclass
 class ModelConfig:
-    """A model by registry name; ``checkpoint`` loads its weights strictly (required for a teacher)."""
+    """A model by registry name. ``checkpoint``: trained weights for this very model, loaded strictly (a teacher
+    needs them). ``weights``: pretrained weights to start from (a timm, torchvision or other state dict file): all
+    load strictly except the classifier, which is dropped by name when it does not fit the dataset's classes (a new
+    head). Hub weights instead: ``kwargs: {pretrained: true}`` (``timm_*``/``tv_*``, needs network access)."""
 
     name: str = "small_cnn3_w4"
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and self.weights is not None:
+            raise ConfigError("config: give a model either checkpoint (its trained weights) or weights (pretrained "
+                              "weights to start from), not both")
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: as a model, but ``name`` may be left out when ``checkpoint`` is a distkd checkpoint, which
+    records the model it holds (its run's ``model.name`` and ``model.kwargs``)."""
+
+    name: str | None = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -95,8 +112,10 @@ class DataConfig:
     flip: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra reader arguments (e.g. scene counts)
     preset: str = "b1"
-    image_size: int = field(default=224, metadata=_check(1))
-    num_workers: int = field(default=4, metadata=_check(0))
+    # image folders: the models' input size; null: from the training images (their median shorter side x 0.875,
+    # so evaluation's resize does not upscale them), at most 224
+    image_size: int | None = field(default=None, metadata=_check(1))
+    num_workers: int | None = field(default=None, metadata=_check(0))  # file datasets; null: min(4, CPU cores)
     skip_unreadable: bool = False  # image folders: leave out files that cannot be decoded (counted, not silent)
 
 
@@ -156,6 +175,9 @@ class TrainConfig:
     sync_bn: bool = False
     grad_clip: float | None = field(default=None, metadata=_check(0, exclusive_min=True))
     ema_decay: float | None = field(default=None, metadata=_check(0, 1))
+    # the best checkpoint chosen by the EMA's val metric and best.pt's model holding the EMA weights (the DIST
+    # authors' tools/train.py: their checkpoint manager ranks epochs by the EMA's top-1); needs ema_decay
+    select_ema: bool = False
     threads: int | None = field(default=None, metadata=_check(1))
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     max_steps: int | None = field(default=None, metadata=_check(1))  # optimizer steps; replaces epochs when set
@@ -170,6 +192,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"config: train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.select_ema and not self.ema_decay:
+            raise ConfigError("config: train.select_ema chooses the best checkpoint by the EMA's accuracy but "
+                              "train.ema_decay is not set; set train.ema_decay (e.g. 0.9999) or remove select_ema")
 
 
 @dataclass
@@ -208,7 +233,7 @@ class RunConfig:
     seed: int = field(default=0, metadata=_check(0, 2**63 - 1))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     loss: LossConfig = field(default_factory=LossConfig)
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -248,6 +273,12 @@ def bundled_configs() -> list[str]:
     return found
 
 
+def config_description(name: str) -> str:
+    """The first line of bundled config ``name``'s opening comment (what it trains), or "" without one."""
+    first = resources.files("distkd").joinpath("configs", name).read_text(encoding="utf-8").split("\n", 1)[0]
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
 def resolve_config_path(name: str | Path) -> Path:
     """A config given as a file path, or as a bundled name such as ``demo/teacher.yaml``."""
     path = Path(name)
@@ -261,9 +292,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read ``path`` (a YAML file or a bundled name, with ``base:`` inheritance), apply ``overrides``, validate
     into a RunConfig."""
     raw = _read_yaml(resolve_config_path(path)) if path is not None else {}
+    return from_dict(RunConfig, apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to the plain config ``raw`` in place; return it."""
     for item in overrides:
         _apply_override(raw, item)
-    return from_dict(RunConfig, raw)
+    return raw
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -37,3 +37,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when the message is empty."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+class ExportError(DistkdError, RuntimeError):
+    """A model cannot be exported in the asked format, or the exported file does not reproduce its outputs."""

@@ -1,9 +1,12 @@
 """The bundled ImageNet and Cityscapes schedules, step by step, against the authors' schedulers re-computed here
 from their definitions (hunto/image_classification_sota lib/utils/scheduler.py: a GradualWarmupScheduler whose
 warm-up rises from ``warmup_lr`` once per epoch, around a StepLR stepped with ``t - W - 1`` once the ``W`` warm-up
-steps are done; hunto/DIST_KD segmentation/train_kd.py ``adjust_lr``: poly 0.9 with a floor of 1e-4)."""
+steps are done; hunto/DIST_KD segmentation/train_kd.py ``adjust_lr``: poly 0.9 with a floor of 1e-4; for B3,
+microsoft/Swin-Transformer lr_scheduler.py: timm's CosineLRScheduler per step with a warm-up prefix)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -51,6 +54,29 @@ def test_b1_steps_by_ten_every_30_epochs_without_warmup() -> None:
     got = our_lrs("imagenet/b1_resnet34-resnet18.yaml", per_epoch, 95 * per_epoch, epochs=100)
     want = [authors_warmup_step(t, 0.1, 0.0, 0, 30, 0.1, per_epoch) for t in range(95 * per_epoch)]
     assert got == pytest.approx(want, rel=1e-9)
+
+
+def swin_cosine_step(t: int, base: float, warmup_lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Swin's ``build_scheduler`` (cosine, WARMUP_PREFIX): timm's CosineLRScheduler(t_initial=total - warmup,
+    lr_min, warmup_lr_init, warmup_t=warmup, cycle_limit=1, t_in_epochs=False, warmup_prefix=True) at update ``t``."""
+    if t < warmup:
+        return warmup_lr + t * (base - warmup_lr) / warmup
+    span = total - warmup
+    if t - warmup >= span:  # past its one cycle
+        return min_lr
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * (t - warmup) / span))
+
+
+def test_b3_follows_swins_warmup_prefixed_cosine() -> None:
+    # Swin config.py: 300 epochs, 20 warm-up, BASE_LR 5e-4, WARMUP_LR 5e-7, MIN_LR 5e-6, each x 1024 / 512 (main.py).
+    # Swin's loop calls step_update(epoch * n + idx) after step idx, so its step k runs at f(k - 1): distkd runs
+    # f(k), one step earlier (at most one step's change of the lr apart).
+    per_epoch, epochs = 3, 300
+    total = per_epoch * epochs
+    got = our_lrs("imagenet/b3_swinl-swint.yaml", per_epoch, total + 2, epochs=epochs)
+    want = [swin_cosine_step(t, 1e-3, 1e-6, 1e-5, 20 * per_epoch, total) for t in range(total + 2)]
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert got[0] == pytest.approx(1e-6) and got[20 * per_epoch] == pytest.approx(1e-3) and got[-1] == 1e-5
 
 
 def test_cityscapes_poly_with_the_authors_floor() -> None:

@@ -159,3 +159,10 @@ def test_resolved_config_round_trips_through_dict_and_yaml(child: Path, tmp_path
 def test_every_bundled_config_loads(name: str) -> None:
     cfg = load_config(resolve_config_path(name))
     assert from_dict(RunConfig, to_dict(cfg)) == cfg
+
+
+def test_a_users_config_can_base_itself_on_a_bundled_name(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("base: demo/teacher.yaml\nname: mine\ntrain: {epochs: 3}\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    bundled = load_config("demo/teacher.yaml")
+    assert (cfg.name, cfg.train.epochs) == ("mine", 3) and cfg.model == bundled.model and cfg.optim == bundled.optim

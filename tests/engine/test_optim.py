@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 from timm.optim import RMSpropTF
+from torch import nn
 
 from distkd.config import OptimConfig, ScheduleConfig
-from distkd.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from distkd.engine.optim import build_optimizer, build_scheduler, decay_exempt, lr_factor, param_groups
 from distkd.errors import ConfigError
 from distkd.models import create_model
 
@@ -83,6 +84,40 @@ def test_no_decay_norm_bias_puts_exactly_the_1d_params_in_the_zero_decay_group()
     assert "features.1.weight" in {names[id(p)] for p in no_decay["params"]}  # a BatchNorm weight
     (single,) = param_groups(model.parameters(), weight_decay=5e-4, no_decay_norm_bias=False)
     assert len(single["params"]) == len(list(model.parameters())) - 1 and single["weight_decay"] == 5e-4
+
+
+def test_swin_relative_position_bias_tables_skip_weight_decay() -> None:
+    # Swin's official optimizer.py (set_weight_decay): no decay for 1-d params, biases, model.no_weight_decay() names
+    # and names holding a model.no_weight_decay_keywords() entry ({'relative_position_bias_table'}).
+    swin = create_model("timm_swin_tiny_patch4_window7_224", num_classes=10, embed_dim=8, depths=(1, 1, 1, 1),
+                        num_heads=(1, 1, 1, 1))
+    names = {id(p): n for n, p in swin.named_parameters()}
+    decay, no_decay = param_groups(swin.parameters(), 0.05, True, decay_exempt(swin))
+    tables = {n for n in names.values() if n.endswith("relative_position_bias_table")}
+    assert len(tables) == 4 and all(swin.get_parameter(n).ndim == 2 for n in tables)
+    assert {names[id(p)] for p in no_decay["params"]} == tables | {n for n, p in swin.named_parameters() if p.ndim <= 1}
+    assert not tables & {names[id(p)] for p in decay["params"]}
+    optimizer = build_optimizer(swin, OptimConfig(name="adamw", weight_decay=0.05, no_decay_norm_bias=True))
+    assert {names[id(p)] for p in optimizer.param_groups[1]["params"]} >= tables
+
+    class Official(nn.Module):  # Swin's own model class declares keywords, matched inside names
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Module()
+            self.block.relative_position_bias_table = nn.Parameter(torch.zeros(3, 2))
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 4, 2))
+            self.proj = nn.Linear(2, 2)
+
+        def no_weight_decay(self) -> set[str]:
+            return {"absolute_pos_embed"}
+
+        def no_weight_decay_keywords(self) -> set[str]:
+            return {"relative_position_bias_table"}
+
+    model = nn.Sequential(Official())  # declared below the top level: names are the declaring module's
+    exempt = {id(p) for p in decay_exempt(model)}
+    assert exempt == {id(model[0].block.relative_position_bias_table), id(model[0].absolute_pos_embed)}
+    assert decay_exempt(create_model("small_cnn3_w2", num_classes=10)) == []
 
 
 @pytest.mark.parametrize(

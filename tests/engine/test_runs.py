@@ -134,3 +134,11 @@ def test_a_teacher_checkpoint_for_another_architecture_lists_the_keys(
     with pytest.raises(CheckpointError, match=expected) as err:
         run_train(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_a_finished_run_draws_its_curves(teacher_run) -> None:
+    from PIL import Image
+
+    run_dir = teacher_run[0]
+    with Image.open(run_dir / "curves.png") as image:
+        assert image.format == "PNG" and image.size == (1000, 400)

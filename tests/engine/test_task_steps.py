@@ -150,6 +150,7 @@ def test_an_unknown_task_is_an_error_naming_the_known_ones(tmp_path: Path) -> No
     from distkd.config import load_config
 
     cfg = load_config(None, ["task=detecton", f"out_dir={tmp_path}"])
-    with pytest.raises(UnknownNameError, match="unknown task 'detecton'.*known: classification, segmentation"):
+    known = r"unknown task 'detecton' \(did you mean 'detection'\?\); known: classification, detection, segmentation"
+    with pytest.raises(UnknownNameError, match=known):
         train(cfg)
     assert not any(tmp_path.iterdir())  # nothing written

@@ -19,6 +19,7 @@ from distkd.data.base import Split
 from distkd.data.loaders import TensorLoader
 from distkd.distill import Distiller, SingleInputStep, Term
 from distkd.engine.trainer import Trainer, TrainingDiverged, TrainSetup
+from distkd.errors import ConfigError
 from distkd.losses import build_loss
 from distkd.models import create_model
 from distkd.tasks.classification import evaluate
@@ -103,6 +104,36 @@ def test_ema_is_updated_evaluated_and_checkpointed(tmp_path: Path) -> None:
     assert all(torch.equal(state["ema"][k], v) for k, v in trainer.ema.module.state_dict().items())
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "last_test" not in summary and summary["best_epoch"] in (1, 2)
+
+
+@pytest.mark.parametrize("select_ema", [False, True])
+def test_select_ema_ranks_epochs_by_the_ema_and_keeps_its_weights(tmp_path: Path, select_ema: bool) -> None:
+    # Scripted val top-1 per epoch (student, EMA): the student peaks in epoch 1, the EMA in epoch 2.
+    scripted = iter([0.9, 0.1, 0.1, 0.5, 0.2, 0.3])
+    seen: list[dict[str, Tensor]] = []  # the weights of each evaluated module, in call order
+
+    def scripted_evaluate(model: torch.nn.Module, loader: object) -> dict[str, float]:
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"top1": next(scripted, 0.0)}
+
+    setup = tiny_setup()
+    setup.evaluate = scripted_evaluate
+    trainer = Trainer(tiny_config(epochs=3, ema_decay=0.5, select_ema=select_ema), setup, torch.device("cpu"),
+                      tmp_path)
+    summary = trainer.fit()
+    assert [r["ema_val/top1"] for r in records(tmp_path)] == [0.1, 0.5, 0.3]
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    epoch, call = (2, 3) if select_ema else (1, 0)  # call 3: the EMA evaluated after epoch 2
+    assert summary["best_epoch"] == epoch and summary["best_val"] == (0.5 if select_ema else 0.9)
+    assert best["model"].keys() == trainer.student.state_dict().keys()  # loads into the bare student
+    assert all(torch.equal(best["model"][k], v) for k, v in seen[call].items())
+    assert not all(torch.equal(best["model"][k], v) for k, v in seen[call - 1 if select_ema else 1].items())
+    assert ("EMA weights" in (tmp_path / "report.md").read_text()) == select_ema
+
+
+def test_select_ema_without_an_ema_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="train.select_ema .* train.ema_decay is not set"):
+        TrainConfig(select_ema=True)
 
 
 def test_a_nan_loss_stops_the_run_with_advice(tmp_path: Path) -> None:

@@ -238,3 +238,31 @@ def test_losses_inside_cpu_autocast_equal_the_plain_call_in_float32(name):
         inside = loss(student, teacher, target=target, epoch=40)
     assert inside.dtype == torch.float32
     assert torch.equal(inside, plain)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_chunks_on_worker_threads_equal_the_serial_sweep_bit_for_bit(monkeypatch, activation):
+    # Several chunks with two torch threads: two workers, each running its chunks' ops on one thread; the
+    # same ops on the same chunks as the serial sweep with one thread, so the same bits.
+    monkeypatch.setattr(_relations, "CPU_CHUNK_ELEMENTS", 2 * 3 * 4)
+    shape = (2, 3, 8, 5)
+    student, teacher = logits(shape, 32, dtype=torch.float32), logits(shape, 33, dtype=torch.float32)
+    mask = random_mask(shape, 34, keep_first=2)
+    loss = DIST(tau=2.0, activation=activation)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaf = student.clone().requires_grad_()
+            value = loss(leaf, teacher, mask=mask)
+            value.backward()
+            results[threads] = (value.detach(), leaf.grad)
+            assert torch.get_num_threads() == threads  # restored after the workers ran
+    finally:
+        torch.set_num_threads(before)
+    assert len(_relations._chunk_spans(torch.Size((2, 3, 40)), torch.device("cpu"))[1]) >= 4
+    assert torch.equal(results[1][0], results[2][0])
+    assert torch.equal(results[1][1], results[2][1])
+    assert results[2][0].item() == pytest.approx(dist_loss(student.double(), teacher.double(), tau=2.0,
+                                                           activation=activation, mask=mask), rel=1e-5)

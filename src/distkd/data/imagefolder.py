@@ -4,11 +4,12 @@ Layout::
 
     <root>/train/<class>/<image>      (any extension torchvision's ImageFolder reads: .jpg, .png, ...)
     <root>/val/<class>/<image>        (the same class folders)
+    <root>/test/<class>/<image>       (optional: a test split never used to select)
 
 Class ids follow the sorted class-folder names of ``train/``. Images are decoded as RGB and go through
 the preset's pipelines (:mod:`distkd.data.presets`): random ones for ``train``, the resize + center
-crop for ``val``/``test``. :class:`FileLoader` batches them with the same protocol as the in-memory
-``TensorLoader``.
+crop of :class:`~distkd.data.preprocess.Preprocess` for ``val``/``test``. :class:`FileLoader` batches them
+with the same protocol as the in-memory ``TensorLoader``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torchvision.datasets import ImageFolder
 from distkd.data.batch import Batch
 from distkd.data.cifar import stratified_holdout
 from distkd.data.loaders import derive_seed
-from distkd.data.presets import MixupSpec, Preset, Transform, get_preset
+from distkd.data.preprocess import Preprocess
+from distkd.data.presets import EVAL_CROP_PCT, MixupSpec, Preset, Transform, get_preset
 from distkd.errors import ConfigError, DataError, DistkdError, first_line
 
 LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
@@ -94,10 +96,11 @@ class FileData:
     """A file dataset split three ways, with what the loaders and the trainer need to know.
 
     ``train``/``val``/``test`` yield ``(image float (3, S, S), label int)`` with ``S = image_size``.
-    ``test`` is always set: ``<root>/val`` when a validation split was held out of ``train/``, else the
-    very same object as ``val`` (``<root>/val``, the ImageNet convention). ``mean``/``std`` ([0, 1]
-    scale) are the ones the pipelines normalise with; ``preset.mixup`` says whether training batches
-    should be mixed (give it to :class:`FileLoader`).
+    ``test`` is always set: ``<root>/test`` when that folder exists; otherwise ``<root>/val`` when a
+    validation split was held out of ``train/``, else the very same object as ``val`` (``<root>/val``, the
+    ImageNet convention: see ``test_is_val``). ``mean``/``std`` ([0, 1] scale) are the ones the pipelines
+    normalise with; ``preprocess`` is the val/test pipeline as data; ``preset.mixup`` says whether training
+    batches should be mixed (give it to :class:`FileLoader`).
     """
 
     train: ImageSubset
@@ -108,6 +111,12 @@ class FileData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     preset: Preset
+    preprocess: Preprocess
+
+    @property
+    def test_is_val(self) -> bool:
+        """True when the test split is the validation split itself (selection and report on the same images)."""
+        return self.test is self.val
 
 
 def _scan(folder: Path, skip_unreadable: bool = False) -> ImageFolder:
@@ -143,39 +152,48 @@ def _drop_unreadable(folder: ImageFolder, where: Path) -> None:
 
 
 def load_imagefolder(
-    root: str, *, preset: str = "b1", image_size: int = 224, val_size: int = 0, seed: int = 0,
+    root: str, *, preset: str = "b1", image_size: int | None = None, val_size: int = 0, seed: int = 0,
     skip_unreadable: bool = False,
 ) -> FileData:
-    """Scan ``<root>/train`` and ``<root>/val`` and pair them with the pipelines of ``preset``.
+    """Scan ``<root>/train``, ``<root>/val`` (and ``<root>/test`` when present) and pair them with the
+    pipelines of ``preset``.
 
-    * ``val_size = 0``: ``val`` is ``<root>/val`` and ``test`` is that same dataset (best-on-val
-      checkpoints are then selected on the reported set, as ImageNet papers do).
+    * ``val_size = 0``: ``val`` is ``<root>/val``; ``test`` is ``<root>/test``, or without it that same
+      ``val`` dataset (best-on-val checkpoints are then selected on the reported set, as ImageNet papers do).
     * ``val_size > 0``: ``val_size`` images of ``train/`` (stratified by class, drawn with ``seed``)
-      form ``val`` with the eval pipeline; ``train`` is the rest; ``test`` is ``<root>/val``.
+      form ``val`` with the eval pipeline; ``train`` is the rest; ``test`` is ``<root>/test``, or without it
+      ``<root>/val``.
 
     Normalisation uses the ImageNet mean/std. Unknown preset -> UnknownNameError; missing ``train/``
-    or ``val/``, class folders without images, or different classes in the two -> DataError. An unreadable
+    or ``val/``, class folders without images, or other classes in ``val/`` or ``test/`` than in ``train/`` ->
+    DataError. An unreadable
     image is a DataError naming it when it is loaded; ``skip_unreadable`` checks every file first and leaves
     the unreadable ones out, with a count.
     """
     spec = get_preset(preset)
-    if image_size < 1:
+    if image_size is not None and image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
     base = Path(root).expanduser()
     for part in ("train", "val"):
         if not (base / part).is_dir():
             raise DataError(f"{base / part} is not a folder; expected the ImageFolder layout {LAYOUT}")
     train_folder, val_folder = _scan(base / "train", skip_unreadable), _scan(base / "val", skip_unreadable)
-    if val_folder.classes != train_folder.classes:
-        only_train = sorted(set(train_folder.classes) - set(val_folder.classes))
-        only_val = sorted(set(val_folder.classes) - set(train_folder.classes))
-        raise DataError(
-            f"{base}: train/ and val/ must have the same class folders; only in train/: {only_train[:5]}, "
-            f"only in val/: {only_val[:5]}"
-        )
+    test_folder = _scan(base / "test", skip_unreadable) if (base / "test").is_dir() else None
+    for part, folder in (("val", val_folder), ("test", test_folder)):
+        if folder is not None and folder.classes != train_folder.classes:
+            only_train = sorted(set(train_folder.classes) - set(folder.classes))
+            only_other = sorted(set(folder.classes) - set(train_folder.classes))
+            raise DataError(
+                f"{base}: train/ and {part}/ must have the same class folders; only in train/: {only_train[:5]}, "
+                f"only in {part}/: {only_other[:5]}"
+            )
+    if image_size is None:
+        image_size = auto_image_size(train_folder)
     mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
     train_tf = spec.train_transform(image_size, mean, std)
-    eval_tf = spec.eval_transform(image_size, mean, std)
+    preprocess = Preprocess(channels=3, size=(image_size, image_size), resize=math.floor(image_size / EVAL_CROP_PCT),
+                            interpolation=spec.interpolation, mean=mean, std=std)
+    eval_tf = preprocess.transform()
     official_val = ImageSubset(val_folder, None, eval_tf)
     if val_size > 0:
         keep, held = stratified_holdout(torch.tensor(train_folder.targets), val_size, seed)
@@ -184,6 +202,8 @@ def load_imagefolder(
     else:
         train = ImageSubset(train_folder, None, train_tf)
         val = test = official_val
+    if test_folder is not None:
+        test = ImageSubset(test_folder, None, eval_tf)
     return FileData(
         train=train,
         val=val,
@@ -193,7 +213,28 @@ def load_imagefolder(
         mean=mean,
         std=std,
         preset=spec,
+        preprocess=preprocess,
     )
+
+
+MAX_AUTO_SIZE = 224
+AUTO_SAMPLE = 200
+
+
+def auto_image_size(folder: ImageFolder) -> int:
+    """The input size for images like ``folder``'s: their median shorter side (over up to ``AUTO_SAMPLE`` files
+    spread over the listing, headers only) x 0.875, so that evaluation's resize to size / 0.875 does not upscale,
+    rounded down to a multiple of 8, between 8 and ``MAX_AUTO_SIZE``. Says what it chose."""
+    samples = folder.samples[:: max(1, len(folder.samples) // AUTO_SAMPLE)]
+    sides = []
+    for path, _ in samples:
+        with Image.open(path) as image:
+            sides.append(min(image.size))
+    median = sorted(sides)[len(sides) // 2]
+    size = max(8, min(MAX_AUTO_SIZE, math.floor(median * EVAL_CROP_PCT) // 8 * 8))
+    print(f"data.image_size: {size} (the training images' median shorter side {median} x {EVAL_CROP_PCT}, rounded "
+          f"down to a multiple of 8, at most {MAX_AUTO_SIZE}); set data.image_size to choose", flush=True)
+    return size
 
 
 class MixCollate:

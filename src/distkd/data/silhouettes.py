@@ -48,4 +48,4 @@ def load_silhouettes() -> InMemoryData:
         name: Split(torch.from_numpy(images[idx]).unsqueeze(1).contiguous(), torch.from_numpy(labels[idx]))
         for name, idx in split_indices().items()
     }
-    return InMemoryData(**splits, num_classes=len(CLASSES), mean=MEAN, std=STD)
+    return InMemoryData(**splits, num_classes=len(CLASSES), mean=MEAN, std=STD, classes=CLASSES)

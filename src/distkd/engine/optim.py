@@ -12,19 +12,38 @@ from distkd.config import OptimConfig, ScheduleConfig
 from distkd.errors import ConfigError
 
 
-def param_groups(parameters: Iterable[nn.Parameter], weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
-    """One group, or two when norm weights and biases (every parameter with ndim <= 1) skip weight decay."""
+def param_groups(parameters: Iterable[nn.Parameter], weight_decay: float, no_decay_norm_bias: bool,
+                 exempt: Iterable[nn.Parameter] = ()) -> list[dict]:
+    """One group, or two when norm weights, biases (every parameter with ndim <= 1) and the ``exempt``
+    parameters (see :func:`decay_exempt`) skip weight decay."""
     params = [p for p in parameters if p.requires_grad]
     if not no_decay_norm_bias:
         return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
+    skip = {id(p) for p in exempt}
+    decay = [p for p in params if p.ndim > 1 and id(p) not in skip]
+    no_decay = [p for p in params if p.ndim <= 1 or id(p) in skip]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def decay_exempt(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that modules inside ``model`` exempt from weight decay, as timm's and Swin's optimizer
+    factories read them: ``no_weight_decay()`` (parameter names in that module: Swin's relative-position bias
+    tables, ViT's position embedding and class token) and ``no_weight_decay_keywords()`` (name substrings)."""
+    exempt: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        names = module.no_weight_decay() if callable(getattr(module, "no_weight_decay", None)) else ()
+        keywords = (module.no_weight_decay_keywords() if callable(getattr(module, "no_weight_decay_keywords", None))
+                    else ())
+        for name, param in module.named_parameters():
+            if name in names or any(k in name for k in keywords):
+                exempt[id(param)] = param
+    return list(exempt.values())
 
 
 def build_optimizer(model_or_groups: nn.Module | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     """``cfg``'s optimizer over a model's parameters (split by :func:`param_groups`) or over given groups."""
-    groups = (param_groups(model_or_groups.parameters(), cfg.weight_decay, cfg.no_decay_norm_bias)
+    groups = (param_groups(model_or_groups.parameters(), cfg.weight_decay, cfg.no_decay_norm_bias,
+                           decay_exempt(model_or_groups))
               if isinstance(model_or_groups, nn.Module) else model_or_groups)
     if cfg.name == "sgd":
         if cfg.nesterov and cfg.momentum == 0:

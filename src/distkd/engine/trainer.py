@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,8 @@ from distkd.engine import distributed
 from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_atomic
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
-from distkd.engine.optim import build_optimizer, build_scheduler, param_groups
+from distkd.engine.optim import build_optimizer, build_scheduler, decay_exempt, param_groups
+from distkd.engine.plot import plot_run
 from distkd.errors import CheckpointError, ConfigError, DistkdError, first_line
 from distkd.registry import nearest
 
@@ -54,7 +55,11 @@ Evaluate = Callable[[nn.Module, Loader], dict[str, float]]
 
 @dataclass
 class TrainSetup:
-    """What a task builds for the trainer. ``metric`` (higher is better) selects the best checkpoint on val."""
+    """What a task builds for the trainer. ``metric`` (higher is better) selects the best checkpoint on val.
+
+    ``meta``: what a deployed model needs to know (class names, preprocessing), stored in every checkpoint.
+    ``test_is_val``: the test split is the val split itself (the report says so).
+    """
 
     distiller: Distiller
     train: Loader
@@ -62,6 +67,8 @@ class TrainSetup:
     test: Loader | None
     evaluate: Evaluate
     metric: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    test_is_val: bool = False
 
 
 EXTREME_GRAD_NORM = 100.0  # at the first step; cross-entropy and KD give about 1 on fresh students
@@ -122,7 +129,8 @@ class Trainer:
     def _param_groups(self) -> list[dict]:
         """The student's groups, then each term's own (its ``lr``/``weight_decay``, or the optimizer's)."""
         optim = self.cfg.optim
-        groups = param_groups(self.student.parameters(), optim.weight_decay, optim.no_decay_norm_bias)
+        groups = param_groups(self.student.parameters(), optim.weight_decay, optim.no_decay_norm_bias,
+                              decay_exempt(self.student))
         for term, params in self.distiller.term_parameters():
             decay = optim.weight_decay if term.weight_decay is None else term.weight_decay
             for group in param_groups(params, decay, optim.no_decay_norm_bias):
@@ -261,14 +269,18 @@ class Trainer:
         distributed.broadcast_buffers(self.distiller.term_losses)  # adapters' BatchNorm statistics too
         val = self.setup.evaluate(self.student, self.setup.val)
         record |= {f"val/{k}": v for k, v in val.items()}
+        selected, score = self.student, val[self.setup.metric]
         if self.ema is not None:
             distributed.broadcast_buffers(self.ema.module)
-            record |= {f"ema_val/{k}": v for k, v in self.setup.evaluate(self.ema.module, self.setup.val).items()}
+            ema_val = self.setup.evaluate(self.ema.module, self.setup.val)
+            record |= {f"ema_val/{k}": v for k, v in ema_val.items()}
+            if self.cfg.train.select_ema:  # the EMA's metric chooses best.pt, which then holds the EMA weights
+                selected, score = self.ema.module, ema_val[self.setup.metric]
         self.evaluated_at = self.step
         self.log.write(record, step=self.step)  # before last.pt: a resume drops it if last.pt is older
-        if val[self.setup.metric] > self.best["value"]:
-            self.best = {"epoch": self.epoch, "step": self.step, "value": val[self.setup.metric]}
-            self._save("best.pt", weights_only=True)
+        if score > self.best["value"]:
+            self.best = {"epoch": self.epoch, "step": self.step, "value": score}
+            self._save("best.pt", weights_only=True, model=selected)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -301,6 +313,7 @@ class Trainer:
                                    "best_val": self.best["value"], "teacher_val": teacher_val, **self._sizes()}
         summary["last_val"] = self.setup.evaluate(self.student, self.setup.val)[metric]
         if test is not None:
+            summary["test_is_val"] = self.setup.test_is_val
             summary["last_test"] = self.setup.evaluate(self.student, test)[metric]
             last_weights = {k: v.clone() for k, v in self.student.state_dict().items()}
             # rank 0 reads best.pt and sends it: the other machines need not see its file system
@@ -314,24 +327,26 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             (self.run_dir / "report.md").write_text(_report(self.cfg, summary))
-            self.progress.message(f"summary: {json.dumps(summary)}")
+            plot_run(self.run_dir, metric, teacher_val[metric] if teacher_val else None)
         return summary
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, name: str, weights_only: bool = False) -> None:
-        """Rank 0 writes; every rank calls (each rank's RNG state is gathered into the checkpoint)."""
+    def _save(self, name: str, weights_only: bool = False, model: nn.Module | None = None) -> None:
+        """Rank 0 writes; every rank calls (each rank's RNG state is gathered into the checkpoint). ``model``: the
+        weights saved as ``model`` (the student unless given: best.pt under ``train.select_ema`` holds the EMA's)."""
         rng = None if weights_only else [_plain(r) for r in distributed.gather_objects(_rng_state())]
         if not self.is_main:
             return
         state: dict[str, Any] = {
-            "model": self.student.state_dict(),  # the student alone: loads strictly into the bare model
+            "model": (model or self.student).state_dict(),  # the student alone: loads strictly into the bare model
             "terms": self.distiller.term_state_dict(),  # the distillation terms' own state (adapters, ...)
             "ema": self.ema.module.state_dict() if self.ema else None,
             "epoch": self.epoch,
             "step": self.step,
             "best": self.best,
             "config": to_dict(self.cfg),
+            "meta": self.setup.meta,  # class names and preprocessing: eval, export and predict need nothing else
         }
         if not weights_only:
             state |= {
@@ -363,6 +378,11 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the lr at the saved step, by this run's schedule: the saved one, or recomputed for a run extended to more
+        # epochs (the same numbers otherwise: LambdaLR computes base_lr * factor(step) either way)
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best = state["epoch"], {"step": -1} | state["best"]
         # checkpoints before step-based runs were written at epoch ends only
@@ -479,8 +499,14 @@ def _report(cfg: RunConfig, summary: dict[str, Any]) -> str:
     for key in ("best_val", "best_test", "last_val", "last_test", "ema_last_test"):
         if key in summary:
             lines.append(f"| {key} | {summary[key]:.4f} |")
-    lines += ["", f"best on val: epoch {summary['best_epoch']} of {summary['epochs']}, step {summary['best_step']} of "
-              f"{summary['steps']} (test is never used to select).",
+    chosen = " (the EMA weights, chosen by the EMA's val metric)" if cfg.train.select_ema else ""
+    if summary.get("test_is_val"):
+        selection = ("the dataset has no separate test split: the test figures are the val figures, on the very "
+                     "images the best checkpoint was selected on")
+    else:
+        selection = "test is never used to select" if "best_test" in summary else "there is no test split"
+    lines += ["", f"best on val{chosen}: epoch {summary['best_epoch']} of {summary['epochs']}, step "
+              f"{summary['best_step']} of {summary['steps']} ({selection}).",
               _sizes_line(summary) + "."]
     if summary.get("teacher_val"):
         lines.append(f"teacher on val: {_format(summary['teacher_val'])}")

@@ -21,11 +21,13 @@ the backward needs only ``y_s``, ``y_t`` and vectors, never the centred copies. 
 the per-instance part of ``R`` drops out (``y * (g - <g, y>)`` cancels a constant added to ``g``).
 
 The work is memory-bound, so it is arranged to touch memory as little as possible: one sweep over
-cache-sized chunks (about ``CPU_CHUNK_ELEMENTS`` elements per thread, along ``S`` for dense
-inputs and along ``N`` otherwise; other devices get one chunk) computes the probabilities (saved
-for the backward) and both terms' moments while the chunk is cached, with the temporaries in one
-reused scratch buffer and the squares taken in place. Chunking only changes the order of
-floating-point sums.
+cache-sized chunks (about ``CPU_CHUNK_ELEMENTS`` elements each, along ``S`` for dense inputs and
+along ``N`` otherwise; other devices get one chunk) computes the probabilities (saved for the
+backward) and both terms' moments while the chunk is cached, with the temporaries in one reused
+scratch buffer per thread and the squares taken in place. With several torch threads the chunks
+are shared out to as many workers, each running its chunk's ops on one thread, instead of every
+small op waiting at an OpenMP barrier (see ``_for_each_chunk``). Chunking only changes the order
+of floating-point sums; the threads do not change it.
 
 With ``global_batch`` the per-class statistics are summed over the ranks of the default process
 group, and the intra term's incoming gradient is summed over ranks in the backward: this is the
@@ -34,6 +36,10 @@ ranks back-propagate the same loss, so DDP's averaging yields the global gradien
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -72,9 +78,40 @@ def _chunk_spans(shape: torch.Size, device: torch.device) -> tuple[int, list[tup
     length = shape[dim]
     if device.type != "cpu":
         return dim, [(0, length)]
-    # Each of torch's threads gets about CPU_CHUNK_ELEMENTS elements of every chunk-sized op.
-    step = max(1, CPU_CHUNK_ELEMENTS * torch.get_num_threads() // (n * c if dim == 2 else c))
+    step = max(1, CPU_CHUNK_ELEMENTS // (n * c if dim == 2 else c))
     return dim, [(start, min(step, length - start)) for start in range(0, length, step)]
+
+
+def _for_each_chunk(body: Callable[[int, Tensor], None], count: int, new_scratch: Callable[[], Tensor]) -> None:
+    """``body(k, scratch)`` for every chunk ``k < count``, each thread with its own reused ``scratch``.
+
+    One chunk: run here, ops parallel inside as usual. Several: ``torch.get_num_threads()`` workers take the
+    chunks in turn, each running its ops on one thread. Each op of a chunk is too small to be worth an
+    OpenMP team, and a team's barrier waits for its slowest thread: with a core taken by another process that
+    stalled every op (4-11x KD's time here); workers that pull the next chunk when done do not wait for each
+    other. The chunks write disjoint outputs, so the result does not depend on the order.
+    """
+    threads = torch.get_num_threads()
+    if count == 1 or threads == 1:
+        scratch = new_scratch()
+        for k in range(count):
+            body(k, scratch)
+        return
+    local = threading.local()
+
+    def run(k: int) -> None:
+        if not hasattr(local, "scratch"):
+            local.scratch = new_scratch()
+        with torch.no_grad():  # grad mode is per thread; the caller's is off inside an autograd Function
+            body(k, local.scratch)
+
+    torch.set_num_threads(1)  # the workers' ops (new threads take the process-wide setting)
+    try:
+        with ThreadPoolExecutor(min(threads, count)) as pool:
+            for _ in pool.map(run, range(count)):
+                pass
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _activate(logits: Tensor, keep: Tensor | None, tau: float, sigmoid: bool, scratch: Tensor) -> Tensor:
@@ -149,19 +186,21 @@ class _RelationTerms(torch.autograd.Function):
         weights = None if keep is None else keep.to(z_s.dtype)
         scratch_shape = [n, num_classes, s]
         scratch_shape[dim] = spans[0][1]
-        scratch = z_s.new_empty(3, *scratch_shape)  # the chunks' temporaries, reused: they stay cached
 
         def part(x: Tensor, start: int, length: int) -> Tensor:
             return x.narrow(dim, start, length)
 
         # One sweep over the chunks: probabilities; inter-class moments per instance (over the class
         # dim); per chunk, the count, per-class sums and intra-class moments about the chunk's means.
-        probs_s, probs_t = [], []
+        probs_s: list[Tensor] = [z_s] * len(spans)  # placeholders, each replaced by its chunk's probabilities
+        probs_t: list[Tensor] = [z_s] * len(spans)
         row_stats = z_s.new_empty(3, n, 1, s)
         row_means = z_s.new_empty(2, n, 1, s) if sigmoid else None
         counts, col_sums = z_s.new_empty(len(spans)), z_s.new_empty(len(spans), 2, num_classes)
         col_moments = z_s.new_empty(len(spans), 3, num_classes)
-        for k, (start, length) in enumerate(spans):
+
+        def sweep(k: int, scratch: Tensor) -> None:
+            start, length = spans[k]
             work = scratch.narrow(dim + 1, 0, length)
             keep_part = None if keep is None else part(keep, start, length)
             y_s = _activate(part(z_s, start, length), keep_part, tau, sigmoid, work[0])
@@ -173,19 +212,20 @@ class _RelationTerms(torch.autograd.Function):
             else:  # a softmax row sums to 1: its mean is 1 / C
                 means = (1.0 / num_classes, 1.0 / num_classes)
             _centred_moments(row_stats.narrow(dim + 1, start, length), y_s, y_t, means, 1, work)
-            if weights is None:
+            w = None if weights is None else part(weights, start, length)
+            if w is None:
                 counts[k] = length * (n if dim == 2 else 1)
                 torch.sum(y_s, dims, out=col_sums[k, 0])
                 torch.sum(y_t, dims, out=col_sums[k, 1])
             else:
-                w = part(weights, start, length)
                 torch.sum(w, (0, 1, 2), out=counts[k])
                 torch.sum(torch.mul(y_s, w, out=work[0]), dims, out=col_sums[k, 0])
                 torch.sum(torch.mul(y_t, w, out=work[0]), dims, out=col_sums[k, 1])
             chunk_means = (col_sums[k] / counts[k].clamp_min(1.0)).unsqueeze(-1)  # (2, C, 1)
-            _centred_moments(col_moments[k], y_s, y_t, chunk_means, dims, work, None if weights is None else w)
-            probs_s.append(y_s)
-            probs_t.append(y_t)
+            _centred_moments(col_moments[k], y_s, y_t, chunk_means, dims, work, w)
+            probs_s[k], probs_t[k] = y_s, y_t
+
+        _for_each_chunk(sweep, len(spans), lambda: z_s.new_empty(3, *scratch_shape))
         rho_row, inv_d_row, c_row = _correlation_parts(row_stats)  # each (N, 1, S)
 
         # Per-class means over the kept instances (of all ranks with global_batch), then the
@@ -231,8 +271,10 @@ class _RelationTerms(torch.autograd.Function):
         if sigmoid:
             r_row = v_row * row_means[0] - u_row * row_means[1]
         grad = probs[0].new_empty(shape)
-        scratch = probs[0].new_empty(probs[0].shape)  # g of every chunk, reused: it stays cached
-        for (start, length), y_s, y_t in zip(spans, probs[: len(spans)], probs[len(spans) :], strict=True):
+        probs_s, probs_t = probs[: len(spans)], probs[len(spans) :]
+
+        def sweep(k: int, scratch: Tensor) -> None:
+            (start, length), y_s, y_t = spans[k], probs_s[k], probs_t[k]
             u_part, v_part = u_row.narrow(dim, start, length), v_row.narrow(dim, start, length)
             # g = dL/dy_s = y_t * (u_row + u_col) - y_s * (v_row + v_col) + r_row + r_col
             g = torch.addcmul(r_col, y_t, u_part, out=scratch.narrow(dim, 0, length)).addcmul_(y_t, u_col)
@@ -246,6 +288,8 @@ class _RelationTerms(torch.autograd.Function):
                 out.addcmul_(y_s, out.sum(1, keepdim=True), value=-1.0)
             if weights is not None:
                 out.mul_(weights.narrow(dim, start, length))
+
+        _for_each_chunk(sweep, len(spans), lambda: probs_s[0].new_empty(probs_s[0].shape))
         return grad, None, None, None, None, None
 
 
@@ -267,3 +311,39 @@ def relation_terms(
     """
     global_batch = global_batch and _world_size() > 1
     return _RelationTerms.apply(z_s, z_t.detach(), keep, tau, activation == "sigmoid", global_batch)
+
+
+def reference_terms(
+    z_s: Tensor, z_t: Tensor, keep: Tensor | None, *, tau: float = 1.0, activation: str = "softmax"
+) -> tuple[Tensor, Tensor]:
+    """The same ``(inter, intra)`` as :func:`relation_terms`, in plain autograd: the readable reference.
+
+    Logits ``(N, C, S)``, ``keep`` bool ``(N, 1, S)`` or None; the local batch only. It builds a few centred
+    input-sized copies and lets autograd save what it needs (more memory and kernels than the fast path);
+    it runs on every device and has second derivatives.
+    """
+    if keep is not None:
+        zero = z_s.new_zeros(())
+        z_s, z_t = torch.where(keep, z_s, zero), torch.where(keep, z_t, zero)
+    scaled_s, scaled_t = z_s / tau, z_t.detach() / tau
+    y_s, y_t = (scaled_s.sigmoid(), scaled_t.sigmoid()) if activation == "sigmoid" else (
+        scaled_s.softmax(1), scaled_t.softmax(1))
+    num_classes = y_s.shape[1]
+    # Instances as rows (M, C): position s of sample n is row n * S + s.
+    rows_s, rows_t = y_s.transpose(1, 2).reshape(-1, num_classes), y_t.transpose(1, 2).reshape(-1, num_classes)
+    kept = torch.ones(rows_s.shape[0], dtype=torch.bool, device=z_s.device) if keep is None else keep.reshape(-1)
+    rows_s, rows_t = rows_s[kept], rows_t[kept]
+    if rows_s.shape[0] == 0:
+        zero = (z_s * 0).sum()  # keeps the graph: a zero gradient
+        return zero, zero
+    inter = 1.0 - _pearson(rows_s, rows_t, dim=1).mean()
+    intra = 1.0 - _pearson(rows_s, rows_t, dim=0).mean()
+    return inter, intra
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """``rho`` of ``a`` and ``b`` ``(M, C)`` along ``dim`` (the module docstring's formula)."""
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + EPS)
+

@@ -21,7 +21,9 @@ activation and excluded from every sum, so they reach neither the value nor the 
 
 The two terms are computed by one autograd Function with an analytic first-order backward
 (``distkd.losses._relations``): no N x N or HW x HW matrix, a few input-sized buffers, and on the
-CPU cache-sized chunks. Second derivatives (double backward) are not supported.
+CPU cache-sized chunks. Second derivatives (double backward) are not supported there;
+``implementation="reference"`` computes the same terms in plain autograd (the readable formulation,
+tested equal to the fast one; more memory, any order of derivatives, no ``global_intra``).
 
 The intra term depends on which instances share a batch. The authors ran ImageNet on 8 GPUs with
 32 images each, so their intra term correlates each class over 32 images, and DDP then averages the
@@ -47,9 +49,10 @@ from distkd.losses._inputs import (
     check_positive,
     instance_mask,
 )
-from distkd.losses._relations import relation_terms
+from distkd.losses._relations import reference_terms, relation_terms
 
 ACTIVATIONS = ("softmax", "sigmoid")
+IMPLEMENTATIONS = ("fast", "reference")
 
 
 @LOSSES.register("dist")
@@ -73,6 +76,7 @@ class DIST(nn.Module):
             gradient is then ``world_size`` times its share of the global term's gradient, so the
             mean over ranks that DDP takes gives exactly the global gradient. Without an initialised
             process group (or with one rank) the local batch is the global batch.
+        implementation: ``"fast"`` (the analytic-gradient Function) or ``"reference"`` (plain autograd).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class DIST(nn.Module):
         tau_squared: bool = True,
         global_intra: bool = False,
         intra_group_size: int | None = None,
+        implementation: str = "fast",
     ) -> None:
         super().__init__()
         self.beta = check_non_negative("beta", beta)
@@ -102,12 +107,19 @@ class DIST(nn.Module):
                 raise ConfigError("DIST's global_intra (one intra group over every rank) and intra_group_size (groups "
                                   "within the batch) exclude each other; set one of them")
         self.intra_group_size = intra_group_size
+        if implementation not in IMPLEMENTATIONS:
+            raise ConfigError(f"unknown DIST implementation {implementation!r}; choose one of "
+                              f"{', '.join(IMPLEMENTATIONS)}")
+        if implementation == "reference" and global_intra:
+            raise ConfigError("DIST's reference implementation computes the local batch only; use implementation "
+                              "'fast' with global_intra")
+        self.implementation = implementation
 
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, activation={self.activation!r}, "
             f"tau_squared={self.tau_squared}, global_intra={self.global_intra}, "
-            f"intra_group_size={self.intra_group_size}"
+            f"intra_group_size={self.intra_group_size}, implementation={self.implementation!r}"
         )
 
     def probe(self, student: Tensor, teacher: Tensor, **context: object) -> None:
@@ -147,9 +159,7 @@ class DIST(nn.Module):
         keep = instance_mask(mask, student.shape)
         groups = self._groups(z_s.shape[0])
         if groups == 1:
-            inter, intra = relation_terms(
-                z_s, z_t, keep, tau=self.tau, activation=self.activation, global_batch=self.global_intra
-            )
+            inter, intra = self._terms(z_s, z_t, keep)
         else:
             inter, intra = self._grouped_terms(z_s, z_t, keep, groups)
         scale = self.tau**2 if self.tau_squared else 1.0
@@ -157,6 +167,12 @@ class DIST(nn.Module):
         if return_parts:
             return loss, {"inter": inter.detach(), "intra": intra.detach()}
         return loss
+
+    def _terms(self, z_s: Tensor, z_t: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(inter, intra)`` of logits ``(N, C, S)`` with ``keep`` ``(N, 1, S)`` or None, by the chosen path."""
+        if self.implementation == "reference":
+            return reference_terms(z_s, z_t, keep, tau=self.tau, activation=self.activation)
+        return relation_terms(z_s, z_t, keep, tau=self.tau, activation=self.activation, global_batch=self.global_intra)
 
     def _grouped_terms(self, z_s: Tensor, z_t: Tensor, keep: Tensor | None, groups: int) -> tuple[Tensor, Tensor]:
         """``(inter, intra)`` of ``(N, C, S)`` logits cut into ``groups`` groups along ``N``: inter the mean over
@@ -167,7 +183,7 @@ class DIST(nn.Module):
         for g in range(groups):
             part = slice(g * size, (g + 1) * size)
             k = None if keep is None else keep[part]
-            inter, intra = relation_terms(z_s[part], z_t[part], k, tau=self.tau, activation=self.activation)
+            inter, intra = self._terms(z_s[part], z_t[part], k)
             inters.append(inter)
             intras.append(intra)
             counts.append(z_s.new_tensor(float(size * z_s.shape[2])) if k is None else k.sum().to(z_s.dtype))

@@ -64,6 +64,45 @@ def load_weights(
         raise CheckpointError(f"{origin} could not be loaded into {_model_name(model)}: {first}") from err
 
 
+def load_pretrained(model: nn.Module, path: str | os.PathLike[str], key: str = "model.weights") -> dict[str, list[int]]:
+    """Start ``model`` from pretrained weights in file ``path``, with a new head when the classes differ.
+
+    The classifier (timm's ``pretrained_cfg["classifier"]``, else the last ``nn.Linear``) is dropped by name when
+    its tensors do not fit the model's (another number of classes); everything else must load strictly. Returns
+    the dropped keys with their shapes in the file (empty when the file's head fits). ``key`` (the config key,
+    e.g. ``teacher.weights``) names the source in messages.
+    """
+    origin = f"{key} '{os.fspath(path)}'"
+    state = _strip_prefixes(extract_state_dict(_read(Path(path)), origin))
+    convert = getattr(model, "convert_state_dict", None)
+    if callable(convert):
+        state = convert(state)
+    expected = model.state_dict()
+    heads = classifier_names(model)
+    in_head = [k for k in state if any(k.startswith(f"{h}.") for h in heads)]
+    dropped = [k for k in in_head if k not in expected or state[k].shape != expected[k].shape]
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    missing, unexpected, mismatched = _compare(model, kept)
+    if dropped:  # the model's own head keys are new, not missing
+        missing = [k for k in missing if not any(k.startswith(f"{h}.") for h in heads)]
+    if problems := _describe(missing, unexpected, mismatched):
+        raise CheckpointError(f"{origin} does not fit model {_model_name(model)} apart from its classifier "
+                              f"({', '.join(heads) or 'none found'}): {problems}; give weights of the same "
+                              "architecture (the model's name and kwargs)")
+    model.load_state_dict(kept, strict=False)
+    return {k: list(state[k].shape) for k in dropped}
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Module paths of the model's classifier: timm's ``pretrained_cfg["classifier"]``, else its last Linear."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    named = cfg.get("classifier") if isinstance(cfg, dict) else None
+    if named:
+        return [named] if isinstance(named, str) else list(named)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
 def extract_state_dict(obj: object, origin: str = "the checkpoint") -> dict[str, Tensor]:
     """The tensors of a checkpoint: under a known wrapper key (``model``, ``state_dict``,
     ``model_state_dict``, ``student``) if one holds tensors, else the tensors at top level."""

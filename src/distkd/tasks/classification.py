@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-from distkd.config import DataConfig, RunConfig
+from distkd.config import DataConfig, LossConfig, RunConfig
 from distkd.data.augment import CropFlip
 from distkd.data.base import InMemoryData
 from distkd.data.loaders import TensorLoader
@@ -31,6 +31,7 @@ from distkd.tasks.common import (
     build_teacher_and_terms,
     check_data_options,
     check_input,
+    data_workers,
     eval_shard,
     process_batches,
 )
@@ -104,7 +105,7 @@ def build_loaders(cfg: RunConfig, data, device: torch.device) -> tuple[Loader, L
         def make(split, train: bool) -> FileLoader:  # noqa: ANN001
             return FileLoader(
                 split, batch_size=train_batch if train else eval_batch, shuffle=train,
-                drop_last=train, num_workers=cfg.data.num_workers, num_classes=data.num_classes,
+                drop_last=train, num_workers=data_workers(cfg.data), num_classes=data.num_classes,
                 mixup=data.preset.mixup if train else None, device=device, channels_last=channels_last,
                 **sharding(train),
             )
@@ -118,19 +119,33 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     train, val, test = build_loaders(cfg, data, device)
     student = build_model(cfg.model, data.num_classes, "student")
     teacher, terms = build_teacher_and_terms(cfg, data.num_classes)
-    smoothing, weight = cfg.loss.label_smoothing, cfg.loss.ce_weight
+    step = SingleInputStep(cross_entropy(cfg.loss), teacher_input=_teacher_input(data, teacher))
+    distiller = Distiller(student, teacher, terms, step)
+    check_input(student, val, "model")
+    if cfg.teacher_cache.views > 0:
+        train = _cached(cfg, distiller, train, device)
+    return TrainSetup(distiller, train, val, test, evaluate, metric="top1", meta=metadata(data),
+                      test_is_val=data.test_is_val)
+
+
+def cross_entropy(cfg: LossConfig) -> Callable[[Tensor, Tensor], dict[str, Tensor]]:
+    """The task loss: ``{"ce": ce_weight * CE(logits (B, K), target (B,) or soft (B, K), label_smoothing)}``, or
+    nothing when ``ce_weight`` is 0."""
+    smoothing, weight = cfg.label_smoothing, cfg.ce_weight
 
     def task_loss(output: Tensor, target: Tensor) -> dict[str, Tensor]:
         if weight == 0:
             return {}
         return {"ce": weight * F.cross_entropy(logits_of(output).float(), target, label_smoothing=smoothing)}
 
-    step = SingleInputStep(task_loss, teacher_input=_teacher_input(data, teacher))
-    distiller = Distiller(student, teacher, terms, step)
-    check_input(student, val, "model")
-    if cfg.teacher_cache.views > 0:
-        train = _cached(cfg, distiller, train, device)
-    return TrainSetup(distiller, train, val, test, evaluate, metric="top1")
+    return task_loss
+
+
+def metadata(data) -> dict:  # noqa: ANN001 - InMemoryData or FileData
+    """What a checkpoint of a model trained on ``data`` stores for deployment: class names (label order) and the
+    evaluation preprocessing (:class:`~distkd.data.preprocess.Preprocess` as a dict)."""
+    classes = data.classes or tuple(str(i) for i in range(data.num_classes))
+    return {"task": "classification", "classes": list(classes), "preprocess": data.preprocess.to_dict()}
 
 
 def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.device) -> Loader:
@@ -202,7 +217,7 @@ def _cached_files(cfg: RunConfig, train: Loader, record: dict, teacher_fn: Calla
     views = SeededViews(subset, cfg.teacher_cache.views, cfg.teacher_cache.seed)
     cache = distributed.main_first(lambda: FileTeacherCache.prepare(directory, record) if distributed.is_main()
                                    else FileTeacherCache(directory, record))
-    cache.build(teacher_fn, views, cfg.data.eval_batch_size, cfg.data.num_workers, distributed.rank(),
+    cache.build(teacher_fn, views, cfg.data.eval_batch_size, data_workers(cfg.data), distributed.rank(),
                 distributed.world_size())
     distributed.barrier()  # every rank's shards are on disk
     if missing := cache.missing():
@@ -240,3 +255,16 @@ def evaluate(model: nn.Module, loader: Loader) -> dict[str, float]:
     model.train(was_training)
     top1, top5, loss, count = distributed.sum_tensor(totals).tolist()
     return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count}
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, loader: Loader, num_classes: int) -> Tensor:
+    """int64 (K, K) counts over all processes: row = true class, column = predicted (top-1) class."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for batch in loader:
+        predicted = logits_of(model(batch.inputs)).argmax(dim=1)
+        counts += torch.bincount((batch.target * num_classes + predicted).cpu(), minlength=num_classes ** 2)
+    model.train(was_training)
+    return distributed.sum_tensor(counts).view(num_classes, num_classes)

@@ -37,6 +37,7 @@ from distkd.tasks.common import (
     build_teacher_and_terms,
     check_data_options,
     check_input,
+    data_workers,
     eval_shard,
     process_batches,
 )
@@ -123,9 +124,9 @@ def build_loaders(cfg: RunConfig, data: InMemoryData | FileSegData,
     from distkd.data.imagefolder import FileLoader
 
     train = FileLoader(data.train, batch_size=train_batch, shuffle=True, drop_last=True,
-                       num_workers=cfg.data.num_workers, **common, **sharded)
+                       num_workers=data_workers(cfg.data), **common, **sharded)
     val = FileLoader(eval_shard(data.val), batch_size=1, shuffle=False, drop_last=False,
-                     num_workers=cfg.data.num_workers, **common)
+                     num_workers=data_workers(cfg.data), **common)
     return train, val, None
 
 
