@@ -46,7 +46,13 @@ from distkd.errors import ConfigError
 from distkd.metrics.detection import coco_map
 from distkd.models.detection import label_offset
 from distkd.registry import Registry
-from distkd.tasks.common import build_model, build_teacher_and_terms, check_data_options, process_batches
+from distkd.tasks.common import (
+    build_model,
+    build_teacher_and_terms,
+    check_data_options,
+    data_workers,
+    process_batches,
+)
 
 DATASETS: Registry[object] = Registry("detection dataset")
 
@@ -112,7 +118,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> DetectionData:
 def build_loaders(cfg: RunConfig, data: DetectionData, device: torch.device) -> tuple[Loader, Loader, Loader | None]:
     """Train (shuffled, flipped if ``data.flip``) and val/test loaders of image lists."""
     train_batch, eval_batch = process_batches(cfg.data)
-    common = {"seed": cfg.seed, "device": device, "num_workers": cfg.data.num_workers,
+    common = {"seed": cfg.seed, "device": device, "num_workers": data_workers(cfg.data),
               "rank": distributed.rank(), "world_size": distributed.world_size()}
 
     def make(split: CocoDetection, train: bool) -> DetectionLoader:
