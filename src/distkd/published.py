@@ -1,4 +1,4 @@
-"""Published top-1 accuracies (%) that ``distkd reproduce`` compares against, each with its source.
+"""Published top-1 accuracies (%) and COCO box mAPs that ``distkd reproduce`` compares against, with sources.
 
 Every number was read from the source named in :data:`SOURCES`: the authors' READMEs, which restate
 the papers' tables, or, where the authors publish none, another README that restates the paper (said so in
@@ -236,6 +236,16 @@ _TABLES: dict[str, dict[str, Published]] = {
     "imagenet-b3": {
         "swinl-swint": _P(82.3, 86.3, 81.3, "dist-readme", kd=81.5),
     },
+}
+_CASCADE = ("the published teacher is a Cascade Mask R-CNN X101-64x4d (45.6); torchvision has none, so ours is a "
+            "Faster R-CNN X101-64x4d")
+_TABLES["coco"] = {  # dist-readme's COCO Detection table (box mAP on val2017)
+    "retinanet-r50": _P(37.4, None, 37.4, "dist-readme"),
+    "dist-retinanet_x101-r50": _P(39.8, 41.0, 37.4, "dist-readme"),
+    "dist+mimic-retinanet_x101-r50": _P(40.1, 41.0, 37.4, "dist-readme"),
+    "fasterrcnn-r50": _P(38.4, None, 38.4, "dist-readme"),
+    "dist-fasterrcnn_x101-r50": _P(40.4, 45.6, 38.4, "dist-readme", note=_CASCADE),
+    "dist+mimic-fasterrcnn_x101-r50": _P(41.8, 45.6, 38.4, "dist-readme", note=_CASCADE),
 }
 _TABLES["cifar100-methods"] = _methods_table(_TABLES["cifar100"], _TABLES["cifar100-dkd"])
 # KD (T=4) beside DIST on every ImageNet pair the README gives both for: rows METHOD-STRATEGY-PAIR.

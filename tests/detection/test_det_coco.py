@@ -144,3 +144,16 @@ def test_the_coco_dataset_reports_dropped_boxes_in_one_line(tmp_path: Path, caps
     data = load_dataset(cfg, seed=0)
     assert data.num_classes == 3 and data.test is None
     assert "dropped boxes with no area inside their image: 2 in train, 2 in val" in capsys.readouterr().err
+
+
+def test_unset_num_workers_gives_the_default_worker_count(tmp_path: Path) -> None:
+    from distkd.config import DataConfig, RunConfig
+    from distkd.tasks.common import data_workers
+    from distkd.tasks.detection import build_loaders, load_dataset
+
+    data = DataConfig(name="coco", root=str(_write(tmp_path)), kwargs={"train": "imgs", "val": "imgs"},
+                      batch_size=2, eval_batch_size=2)
+    assert data.num_workers is None
+    train, val, test = build_loaders(RunConfig(task="detection", data=data), load_dataset(data, 0), torch.device("cpu"))
+    assert train.num_workers == val.num_workers == data_workers(data) >= 1 and test is None
+    assert [len(b) for b in val] == [2, 2]

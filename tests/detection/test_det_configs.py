@@ -17,7 +17,7 @@ def test_coco_rows_are_all_there() -> None:
     assert sorted(COCO) == sorted(f"coco/{n}.yaml" for n in (
         "teacher_retinanet_x101", "student_retinanet_r50", "kd_retinanet_x101-r50", "dist_retinanet_x101-r50",
         "dist+mimic_retinanet_x101-r50", "teacher_fasterrcnn_x101", "student_fasterrcnn_r50",
-        "kd_fasterrcnn_x101-r50", "dist_fasterrcnn_x101-r50"))
+        "kd_fasterrcnn_x101-r50", "dist_fasterrcnn_x101-r50", "dist+mimic_fasterrcnn_x101-r50"))
 
 
 @pytest.mark.parametrize("name", COCO)
@@ -43,3 +43,21 @@ def test_demo_students_and_teachers_can_be_compared(name: str) -> None:
     assert cfg.teacher is not None and cfg.loss.distill
     check_pair(create_model(cfg.model.name, num_classes=10, **cfg.model.kwargs),
                create_model(cfg.teacher.name, num_classes=10, **cfg.teacher.kwargs))
+
+
+def test_reproduce_coco_trains_each_teacher_once_and_reports_map_beside_the_published_table(tmp_path) -> None:  # noqa: ANN001
+    from distkd.published import published
+    from distkd.reproduce import RowResult, get_table, plan, render
+
+    table = get_table("coco")
+    steps = plan(table, None, 1, tmp_path, ("data.root=/coco",))
+    assert [run.config for role, run in steps if role == "teacher"] == ["coco/teacher_retinanet_x101.yaml",
+                                                                        "coco/teacher_fasterrcnn_x101.yaml"]
+    assert len(steps) == 2 + 8
+    for _, run in steps:  # every row's config loads with its overrides
+        load_config(resolve_config_path(run.config), list(run.overrides))
+    assert published("coco", "dist-retinanet_x101-r50").accuracy == 39.8
+    assert published("coco", "dist+mimic-fasterrcnn_x101-r50").accuracy == 41.8
+    text = render(table, [RowResult("dist-retinanet_x101-r50", [39.0], 40.5)], 1)
+    assert "COCO box mAP (%)" in text
+    assert "| dist-retinanet_x101-r50 | 40.50 | 41.00 | 37.40 | 39.00 ± 0.00 | 39.80 | -0.80 |" in text

@@ -185,3 +185,19 @@ def test_mask_padding_keeps_padded_positions_of_every_level_out_of_dist() -> Non
     plain.probe(batch)
     unmasked = plain(batch).losses["dist"]
     assert not torch.isclose(unmasked, out.losses["dist"])
+
+
+def test_fcos_students_train_with_their_losses_and_per_level_dist() -> None:
+    torch.manual_seed(0)
+    student = create_model("det_fcos_tiny", num_classes=4, widths=[8, 16, 32], fpn_channels=16)
+    teacher = create_model("det_fcos_tiny", num_classes=4)
+    check_pair(student, teacher)
+    calls = _record(student, student.distill_taps["cls_logits"])
+    term = Term("dist", build_loss("dist", activation="sigmoid"), 1.0, "cls_logits", "cls_logits")
+    distiller = Distiller(student, teacher, [term], DetectionStep().bind(student))
+    batch = _batch()
+    distiller.probe(batch)
+    calls.clear()
+    out = distiller(batch)
+    assert set(out.losses) == {"classification", "bbox_regression", "bbox_ctrness", "dist"}
+    assert [c.shape[1] for c in calls] == [4] * 4 and all(torch.isfinite(v) for v in out.losses.values())

@@ -202,6 +202,14 @@ def tiny_detector(family: str, num_classes: int, widths: Sequence[int] = (16, 32
         anchors = len(options["anchor_sizes"][0]) * len(options["anchor_ratios"])
         options.setdefault("head", RetinaNetHead(fpn_channels, anchors, num_classes,
                                                  norm_layer=functools.partial(nn.GroupNorm, 8)))
+    if family == "fcos":  # GroupNorm(8): torchvision's GroupNorm(32) needs 32-channel multiples
+        from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+
+        head = FCOSHead(fpn_channels, 1, num_classes, num_convs=0)  # its sub-heads are replaced below
+        norm = functools.partial(nn.GroupNorm, 8)
+        head.classification_head = FCOSClassificationHead(fpn_channels, 1, num_classes, norm_layer=norm)
+        head.regression_head = FCOSRegressionHead(fpn_channels, 1, norm_layer=norm)
+        options.setdefault("head", head)
     if family == "fasterrcnn":
         options = {"rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 300,
                    "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100,
