@@ -105,3 +105,16 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(scenes_root: Path, t
     a = load_state(straight.run_dir / "checkpoints" / "last.pt")["model"]
     b = load_state(killed.run_dir / "checkpoints" / "last.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("config", "override", "message"), [
+    ("demo/det_student.yaml", "teacher_cache.views=2", "no teacher-output cache"),
+    ("demo/det_student.yaml", "train.compile=true", "train.compile is not supported"),
+    ("demo/det_frcnn_student.yaml", "loss.mask_padding=true", "Faster R-CNN's terms compare RoIs"),
+])
+def test_unsupported_detection_settings_are_one_line_errors(config: str, override: str, message: str,
+                                                             scenes_root: Path, tmp_path: Path) -> None:
+    cfg = _config(config, scenes_root, tmp_path, override)
+    with pytest.raises(ConfigError, match=message) as err:
+        train(cfg)
+    assert "\n" not in str(err.value)
