@@ -1,7 +1,7 @@
 """The classification demo's hyper-parameter search: the same budget for the student alone, KD and DIST.
 
-Each method gets the same 6 trials on the demo's task (``demo/pairs_*.yaml``: silhouette pairs, the demo
-teacher, the demo's epochs): learning rate {0.05, 0.1, 0.2} x one method setting with two values —
+Each method gets the same 8 trials on the demo's task (``demo/pairs_*.yaml``: silhouette pairs, the demo
+teacher, the demo's epochs): learning rate {0.05, 0.1, 0.2, 0.4} x one method setting with two values —
 label smoothing {0, 0.1} for the student alone, tau {1, 4} for KD and for DIST. One search seed (10, not one
 of the demo's seeds 0-2); the trial with the best val top-1 (of its best-on-val epoch) wins, the test split
 is never looked at for selection (its column is printed for reference only). The demo configs carry the
@@ -30,7 +30,7 @@ from distkd.config import load_config, resolve_config_path
 
 SECTION = "## Demo hyper-parameter search (silhouette pairs)"
 SEED = 10
-LRS = (0.05, 0.1, 0.2)
+LRS = (0.05, 0.1, 0.2, 0.4)
 SECOND = {  # method -> (config, what the second axis is, override template, values)
     "alone": ("demo/pairs_student.yaml", "label smoothing", "loss.label_smoothing={}", (0.0, 0.1)),
     "kd": ("demo/pairs_kd.yaml", "tau", "loss.distill.0.kwargs.tau={}", (1.0, 4.0)),
@@ -73,7 +73,7 @@ def section(trials: list[dict], seconds: float) -> str:
         SECTION, "",
         f"`python benchmarks/demo_search.py` ({when}; {os.cpu_count()}-core CPU ({platform.processor() or 'cpu'}),"
         f" shared with other jobs, load average {load:.1f} at the end; one torch thread; torch {torch.__version__};"
-        f" {seconds / 60:.1f} min wall). The same 6 trials per method on the demo task (`demo/pairs_*.yaml`), seed"
+        f" {seconds / 60:.1f} min wall). The same 8 trials per method on the demo task (`demo/pairs_*.yaml`), seed"
         f" {SEED}; val top-1 of the best-on-val epoch selects (test shown for reference, never used).", "",
         "| method | lr | setting | val top-1 | test top-1 | |", "|---|---:|---|---:|---:|---|",
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from distkd import demo
@@ -65,3 +67,31 @@ def test_a_one_seed_report_has_no_spread_row():
     report = demo._report(_fake_results({"teacher": [70.0], "alone": [20.0], "kd": [24.0], "dist": [29.0]}), 1)
     assert "| small_cnn3_w4 | kd | 3,232 | 30 | 24.00 | 23.00 | 2 s |" in report
     assert "| 0 | +4.00 | +9.00 | +5.00 |" in report and "mean ± std |" not in report
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+QUICK_MARK = "<!-- distkd demo --quick report rows (tests/test_demo.py compares them with what the command prints) -->"
+QUICK_END = "<!-- end of the --quick report rows -->"
+TOLERANCE = 0.5  # points: seeded runs repeat exactly on one machine; another CPU's float rounding may move a few images
+
+
+def _rows(text: str) -> list[list[str]]:
+    """The cells of the report's table rows: per-method rows and per-seed paired-difference rows."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith(("| small_", "| 0 |"))]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+@pytest.mark.slow
+def test_the_readme_quotes_the_quick_demo_numbers_the_command_prints(tmp_path):
+    readme = README.read_text()
+    assert QUICK_MARK in readme and QUICK_END in readme, "the README lost the marked --quick rows"
+    quoted = _rows(readme.split(QUICK_MARK, 1)[1].split(QUICK_END, 1)[0])
+    demo.run_demo(tmp_path, quick=True)
+    printed = _rows((tmp_path / "report.md").read_text())
+    assert len(quoted) == len(printed) == 5  # teacher, alone, kd, dist, and seed 0's paired differences
+    for q, p in zip(quoted[:4], printed[:4], strict=True):
+        assert q[:4] == p[:4]  # model, method, params, epochs
+        for column in (4, 5):  # test top-1 best-on-val, last epoch (the time column is not compared)
+            assert abs(float(q[column]) - float(p[column])) <= TOLERANCE, (q, p)
+    for q, p in zip(quoted[4][1:], printed[4][1:], strict=True):
+        assert abs(float(q) - float(p)) <= TOLERANCE, (quoted[4], printed[4])
