@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="segmentation: also average over mirrored inputs")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
+    p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouette pairs: alone, KD, DIST")
     p.add_argument("--task", choices=("classification", "segmentation"), default="classification")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg for segmentation)")
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
