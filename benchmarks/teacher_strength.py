@@ -1,17 +1,18 @@
-"""Teacher strength on the silhouettes: does KD fall behind DIST as the teacher gets stronger?
+"""Teacher strength: does KD fall behind DIST as the teacher gets stronger?
 
-The embedded study of ``distkd reproduce silhouettes-strength`` (the paper's Figure 1 in miniature):
-one tiny student (``small_cnn3_w4``) distilled with KD and with DIST from CNN teachers of growing width
-(``small_cnn6_w4`` ... ``small_cnn6_w64``), several seeds each, plus the student trained alone. The
-bundled demo configs give the settings (``demo/kd.yaml``: 0.1 CE + 0.9 KD at tau 4; ``demo/dist.yaml``:
-CE + 2 x DIST at tau 4). It writes the reproduce table, a plot of student accuracy against teacher
-accuracy (``benchmarks/teacher_strength.png``) and, with ``--results``, its section of RESULTS.md.
+The embedded studies of ``distkd reproduce pairs-strength`` (default: the demo's silhouette pairs) and
+``silhouettes-strength`` (``--table``), the paper's Figure 1 in miniature: one tiny student
+(``small_cnn3_w4``) distilled with KD and with DIST from CNN teachers of growing width (``small_cnn6_w4`` ...),
+several seeds each, plus the student trained alone. The bundled demo configs give the settings
+(``demo/pairs_kd.yaml`` / ``demo/kd.yaml``: 0.1 CE + 0.9 KD at tau 4; ``demo/pairs_dist.yaml`` /
+``demo/dist.yaml``: CE + 2 x DIST at tau 4). It writes the reproduce table, a plot of student accuracy against
+teacher accuracy (``benchmarks/<table>.png``) and, with ``--results``, its section of RESULTS.md.
 
-    python benchmarks/teacher_strength.py                       # 3 seeds, the demo's 15 epochs, 2 processes
+    python benchmarks/teacher_strength.py                       # 3 seeds, the demo's epochs, 2 processes
     python benchmarks/teacher_strength.py --epochs 1 --seeds 1  # a quick check of the whole path
     python benchmarks/teacher_strength.py --results benchmarks/RESULTS.md
 
-Runs go to ``--out`` (default ``runs/teacher_strength``); finished runs are reused, so an interrupted
+Runs go to ``--out`` (default ``runs/<table>``); finished runs are reused, so an interrupted
 study continues where it stopped. ``--jobs`` processes share the work, one torch thread each: first every
 teacher with its KD seeds (and the student alone), then the DIST seeds, then one pass that only reads
 the finished runs back and writes the table.
@@ -33,37 +34,40 @@ from pathlib import Path
 import torch
 
 from distkd.models import create_model
-from distkd.reproduce import STRENGTH_STUDENT, STRENGTH_TEACHERS, reproduce
+from distkd.reproduce import STRENGTH_STUDENT, STRENGTH_STUDIES, reproduce
 
-TABLE = "silhouettes-strength"
-SECTION = "## Teacher strength (silhouettes)"
+SECTIONS = {"silhouettes-strength": "## Teacher strength (silhouettes)",
+            "pairs-strength": "## Teacher strength (silhouette pairs)"}
+DATA = {"silhouettes-strength": ("the embedded silhouettes", 10, "demo/kd.yaml", "demo/dist.yaml"),
+        "pairs-strength": ("the demo's silhouette pairs (100 classes)", 100, "demo/pairs_kd.yaml",
+                           "demo/pairs_dist.yaml")}
 
 
-def _run(rows: list[str], seeds: int, out: Path, overrides: list[str]) -> str:
+def _run(table: str, rows: list[str], seeds: int, out: Path, overrides: list[str]) -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return reproduce(TABLE, rows, seeds, out, overrides)
+    return reproduce(table, rows, seeds, out, overrides)
 
 
-def run_study(seeds: int, out: Path, overrides: list[str], jobs: int) -> str:
+def run_study(table: str, seeds: int, out: Path, overrides: list[str], jobs: int) -> str:
     """Train everything (``jobs`` processes), then return the markdown table of :func:`reproduce`."""
-    largest_first = list(reversed(STRENGTH_TEACHERS))
+    largest_first = list(reversed(STRENGTH_STUDIES[table][1]))
     phases = [[[f"kd-{t}"] for t in largest_first] + [["alone"]], [[f"dist-{t}"] for t in largest_first]]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for tasks in phases:
-            for future in [pool.submit(_run, rows, seeds, out, overrides) for rows in tasks]:
+            for future in [pool.submit(_run, table, rows, seeds, out, overrides) for rows in tasks]:
                 future.result()
-    return _run([], seeds, out, overrides)  # every run is finished: this only reads them back
+    return _run(table, [], seeds, out, overrides)  # every run is finished: this only reads them back
 
 
-def load_rows(out: Path) -> dict[str, dict]:
-    return {row["row"]: row for row in json.loads((out / f"{TABLE}.json").read_text())["rows"]}
+def load_rows(table: str, out: Path) -> dict[str, dict]:
+    return {row["row"]: row for row in json.loads((out / f"{table}.json").read_text())["rows"]}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot(rows: dict[str, dict], path: Path) -> None:
+def plot(table: str, rows: dict[str, dict], path: Path) -> None:
     """Student test top-1 (mean ± std over seeds) against the teacher's top-1, KD and DIST."""
     import matplotlib
 
@@ -73,7 +77,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, method in enumerate(("kd", "dist")):
         xs, ys, es = [], [], []
-        for teacher in STRENGTH_TEACHERS:
+        for teacher in STRENGTH_STUDIES[table][1]:
             row = rows[f"{method}-{teacher}"]
             mean, std = _stats(row["scores"])
             xs.append(row["teacher"])
@@ -85,12 +89,12 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     alone, spread = _stats(rows["alone"]["scores"])
     ax.axhline(alone, color="gray", linestyle="--", label="student alone")
     ax.axhspan(alone - spread, alone + spread, color="gray", alpha=0.15)
-    for teacher in STRENGTH_TEACHERS:
+    for teacher in STRENGTH_STUDIES[table][1]:
         x = rows[f"kd-{teacher}"]["teacher"]
         ax.annotate(teacher.removeprefix("small_cnn6_"), (x, ax.get_ylim()[0]), fontsize=7, ha="center",
                     va="bottom", color="dimgray")
     ax.set(xlabel="teacher top-1 on val (%)", ylabel=f"student ({STRENGTH_STUDENT}) test top-1 (%)",
-           title="Silhouettes: student accuracy vs teacher accuracy")
+           title=f"{DATA[table][0]}: student vs teacher accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -98,31 +102,32 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _params(name: str) -> int:
-    return sum(p.numel() for p in create_model(name, num_classes=10, in_chans=1).parameters())
+def _params(name: str, num_classes: int) -> int:
+    return sum(p.numel() for p in create_model(name, num_classes=num_classes, in_chans=1).parameters())
 
 
-def section(rows: dict[str, dict], args: argparse.Namespace, seconds: float, png: Path) -> str:
+def section(table: str, rows: dict[str, dict], args: argparse.Namespace, seconds: float, png: Path) -> str:
     """This benchmark's RESULTS.md section: conditions, one line per teacher, the plot."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
-    epochs = "the demo's 15" if args.epochs is None else str(args.epochs)
+    epochs = "the demo configs'" if args.epochs is None else str(args.epochs)
+    data, classes, kd_config, dist_config = DATA[table]
     lines = [
-        SECTION, "",
-        f"`python benchmarks/teacher_strength.py --seeds {args.seeds} --jobs {args.jobs}"
+        SECTIONS[table], "",
+        f"`python benchmarks/teacher_strength.py --table {table} --seeds {args.seeds} --jobs {args.jobs}"
         + (f" --epochs {args.epochs}" if args.epochs is not None else "") + f"` ({when}; {os.cpu_count()}-core CPU "
         f"({cpu}), shared with other jobs; torch {torch.__version__}; {seconds / 60:.1f} min wall).",
-        f"Student `{STRENGTH_STUDENT}` ({_params(STRENGTH_STUDENT):,} parameters) on the embedded silhouettes, "
+        f"Student `{STRENGTH_STUDENT}` ({_params(STRENGTH_STUDENT, classes):,} parameters) on {data}, "
         f"{epochs} epochs per run (teachers and students), {args.seeds} student seeds per cell, teachers trained once "
-        "(seed 0). KD: `demo/kd.yaml` (0.1 CE + 0.9 KD, tau 4); DIST: `demo/dist.yaml` (CE + 2 x DIST, tau 4). "
+        f"(seed 0). KD: `{kd_config}` (0.1 CE + 0.9 KD, tau 4); DIST: `{dist_config}` (CE + 2 x DIST, tau 4). "
         "Student: test top-1 (%) of the best-on-val epoch, mean ± std over seeds; teacher: top-1 on val.", "",
         "| teacher | params | teacher top-1 | KD student | DIST student | DIST − KD |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for teacher in STRENGTH_TEACHERS:
+    for teacher in STRENGTH_STUDIES[table][1]:
         kd, dist = rows[f"kd-{teacher}"], rows[f"dist-{teacher}"]
         (kd_m, kd_s), (di_m, di_s) = _stats(kd["scores"]), _stats(dist["scores"])
-        lines.append(f"| {teacher} | {_params(teacher):,} | {kd['teacher']:.2f} | {kd_m:.2f} ± {kd_s:.2f} | "
+        lines.append(f"| {teacher} | {_params(teacher, classes):,} | {kd['teacher']:.2f} | {kd_m:.2f} ± {kd_s:.2f} | "
                      f"{di_m:.2f} ± {di_s:.2f} | {di_m - kd_m:+.2f} |")
     alone_m, alone_s = _stats(rows["alone"]["scores"])
     lines += [f"| (student alone) | | | {alone_m:.2f} ± {alone_s:.2f} | | |", "",
@@ -130,37 +135,44 @@ def section(rows: dict[str, dict], args: argparse.Namespace, seconds: float, png
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of ``path`` (up to the next ``## `` heading) or append it."""
+def write_section(path: Path, text: str, heading: str) -> None:
+    """Replace the section ``heading`` of ``path`` (up to the next ``## `` heading) or append it."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--table", choices=sorted(STRENGTH_STUDIES), default="pairs-strength",
+                        help="the study (default pairs-strength: the demo's silhouette pairs)")
     parser.add_argument("--seeds", type=int, default=3, help="student seeds per cell (default 3)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the demo's 15)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the demo configs')")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each (default 2)")
-    parser.add_argument("--out", type=Path, default=Path("runs/teacher_strength"))
-    parser.add_argument("--png", type=Path, default=Path(__file__).with_name("teacher_strength.png"))
+    parser.add_argument("--out", type=Path, help="run folder (default runs/<table>)")
+    parser.add_argument("--png", type=Path, help="the plot (default benchmarks/teacher_strength.png for the "
+                        "silhouettes, benchmarks/pairs_strength.png for the pairs)")
     parser.add_argument("--results", type=Path, help="write the section of this markdown file (RESULTS.md)")
     args = parser.parse_args()
+    table = args.table
+    out = args.out or Path("runs") / table
+    png = args.png or Path(__file__).with_name({"silhouettes-strength": "teacher_strength.png"}.get(
+        table, "pairs_strength.png"))
     overrides = ["train.threads=1", "train.progress=none"]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     start = time.perf_counter()
-    table = run_study(args.seeds, args.out, overrides, args.jobs)
+    markdown = run_study(table, args.seeds, out, overrides, args.jobs)
     seconds = time.perf_counter() - start
-    rows = load_rows(args.out)
-    plot(rows, args.png)
-    print(table)
-    text = section(rows, args, seconds, args.png)
+    rows = load_rows(table, out)
+    plot(table, rows, png)
+    print(markdown)
+    text = section(table, rows, args, seconds, png)
     print(text)
     if args.results:
-        write_section(args.results, text)
-        print(f"wrote the '{SECTION[3:]}' section of {args.results}")
+        write_section(args.results, text, SECTIONS[table])
+        print(f"wrote the '{SECTIONS[table][3:]}' section of {args.results}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from distkd.models import create_model
 from distkd.published import PUBLISHED
 from distkd.reproduce import (
     STRENGTH_STUDENT,
+    STRENGTH_STUDIES,
     STRENGTH_TEACHERS,
     TABLES,
     RowResult,
@@ -52,7 +53,7 @@ def test_list_names_every_table_and_row(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["reproduce", "--list"]) == 0
     text = capsys.readouterr().out
     for name in ("cifar100", "cifar100-kd", "cifar100-dkd", "cifar100-baselines", "imagenet-b1", "imagenet-b2",
-                 "imagenet-b3", "imagenet-kd-vs-dist", "silhouettes-strength"):
+                 "imagenet-b3", "imagenet-kd-vs-dist", "silhouettes-strength", "pairs-strength", "coco"):
         assert f"{name}: " in text
         for row in TABLES[name].rows:
             assert f"  {row.name} " in text
@@ -118,21 +119,26 @@ def test_teacher_checkpoint_for_a_row_without_teacher_is_refused() -> None:
         parse_teacher_checkpoints(["resnet20=/w.pt"], get_table("cifar100-baselines"))
 
 
-def test_strength_study_trains_each_teacher_once_for_kd_and_dist(tmp_path: Path) -> None:
-    steps = plan(get_table("silhouettes-strength"), None, 3, tmp_path, ["train.epochs=2"])
+@pytest.mark.parametrize(("table", "prefix", "data"), [("silhouettes-strength", "demo/", "silhouettes"),
+                                                       ("pairs-strength", "demo/pairs_", "pairs")])
+def test_strength_study_trains_each_teacher_once_for_kd_and_dist(tmp_path: Path, table, prefix, data) -> None:
+    steps = plan(get_table(table), None, 3, tmp_path, ["train.epochs=2"])
     teachers = [run for role, run in steps if role == "teacher"]
-    assert [run.overrides[0] for run in teachers] == [f"model.name={t}" for t in STRENGTH_TEACHERS]
+    names = STRENGTH_STUDIES[table][1]
+    assert names[:4] == STRENGTH_TEACHERS[:4]
+    assert [run.overrides[0] for run in teachers] == [f"model.name={t}" for t in names]
+    assert {run.config for run in teachers} == {f"{prefix}teacher.yaml"}
     students = [(role, run) for role, run in steps if role != "teacher"]
-    assert len(students) == 3 * (1 + 2 * len(STRENGTH_TEACHERS))
+    assert len(students) == 3 * (1 + 2 * len(names))
     for role, run in students:
         assert f"model.name={STRENGTH_STUDENT}" in run.overrides and run.overrides[-1] == "train.epochs=2"
         if role == "alone":
-            assert run.config == "demo/student.yaml"
+            assert run.config == f"{prefix}student.yaml"
             assert not any(o.startswith("teacher.") for o in run.overrides)
         else:
             method, teacher = role.split("-", 1)
-            ckpt = tmp_path / "teachers" / f"silhouettes-{teacher}" / "checkpoints" / "best.pt"
-            assert run.config == f"demo/{method}.yaml"
+            ckpt = tmp_path / "teachers" / f"{data}-{teacher}" / "checkpoints" / "best.pt"
+            assert run.config == f"{prefix}{method}.yaml"
             assert f"teacher.name={teacher}" in run.overrides and f"teacher.checkpoint={ckpt}" in run.overrides
 
 

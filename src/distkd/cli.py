@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("demo", help="teacher -> tiny student on the embedded silhouettes: alone, KD, DIST")
+    p = sub.add_parser("demo", help="teacher -> tiny student on embedded data (silhouette pairs, scenes): alone, KD, "
+                       "DIST")
     p.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg, runs/demo_det)")
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")

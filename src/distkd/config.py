@@ -97,7 +97,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """Dataset and loading. ``name``: silhouettes, cifar10, cifar100, imagefolder (classification);
+    """Dataset and loading. ``name``: silhouettes, silhouette_pairs, cifar10, cifar100, imagefolder (classification);
     scenes, cityscapes, voc (segmentation)."""
 
     name: str = "silhouettes"

@@ -102,10 +102,16 @@ IMAGENET_KD_ROWS: dict[str, tuple[str, ...]] = {
     "b2": IMAGENET_ROWS["b2"],
     "b3": IMAGENET_ROWS["b3"],
 }
-# The silhouettes study: one student, teachers of growing width (see benchmarks/teacher_strength.py).
+# The teacher-strength studies: one student, teachers of growing width (see benchmarks/teacher_strength.py), on
+# the silhouettes (demo/*.yaml) and on the demo's silhouette pairs (demo/pairs_*.yaml; without w64, whose 15 epochs
+# cost about 4x the w32 teacher's). A study: table name -> (config prefix, teachers).
 STRENGTH_STUDENT = "small_cnn3_w4"
 STRENGTH_TEACHERS: tuple[str, ...] = ("small_cnn6_w4", "small_cnn6_w8", "small_cnn6_w16", "small_cnn6_w32",
                                       "small_cnn6_w64")
+STRENGTH_STUDIES: MappingProxyType[str, tuple[str, tuple[str, ...]]] = MappingProxyType({
+    "silhouettes-strength": ("demo/", STRENGTH_TEACHERS),
+    "pairs-strength": ("demo/pairs_", STRENGTH_TEACHERS[:-1]),
+})
 STRENGTH_METHODS: tuple[str, ...] = ("kd", "dist")
 # The comparison of distillation methods on CIFAR_PAIRS: RepDistiller's (Tian et al., ICLR 2020, Tables 1-2) and
 # later ones, each with its authors' settings. A row is ``METHOD-TEACHER-STUDENT``.
@@ -163,14 +169,17 @@ def _imagenet_kd_vs_dist() -> Table:
                  "teachers use pretrained hub weights (teacher.kwargs.pretrained); set data.root")
 
 
-def _strength_table() -> Table:
-    rows = [Row("alone", Run("demo/student.yaml", (f"model.name={STRENGTH_STUDENT}",)))]
-    for teacher in STRENGTH_TEACHERS:
-        trained = Teacher(f"silhouettes-{teacher}", Run("demo/teacher.yaml", (f"model.name={teacher}",)))
-        rows += [Row(f"{m}-{teacher}", Run(f"demo/{m}.yaml", (f"model.name={STRENGTH_STUDENT}",
-                                                               f"teacher.name={teacher}")), trained)
+def _strength_table(name: str) -> Table:
+    prefix, teachers = STRENGTH_STUDIES[name]
+    data = name.removesuffix("-strength")
+    rows = [Row("alone", Run(f"{prefix}student.yaml", (f"model.name={STRENGTH_STUDENT}",)))]
+    for teacher in teachers:
+        trained = Teacher(f"{data}-{teacher}", Run(f"{prefix}teacher.yaml", (f"model.name={teacher}",)))
+        rows += [Row(f"{m}-{teacher}", Run(f"{prefix}{m}.yaml", (f"model.name={STRENGTH_STUDENT}",
+                                                                 f"teacher.name={teacher}")), trained)
                  for m in STRENGTH_METHODS]
-    return Table("silhouettes-strength", f"Silhouettes: {STRENGTH_STUDENT} student, KD vs DIST as the teacher grows",
+    title = {"silhouettes": "Silhouettes", "pairs": "Silhouette pairs"}[data]
+    return Table(name, f"{title}: {STRENGTH_STUDENT} student, KD vs DIST as the teacher grows",
                  tuple(rows), "embedded data; no published numbers (our own study)")
 
 
@@ -195,7 +204,7 @@ TABLES: MappingProxyType[str, Table] = MappingProxyType({t.name: t for t in (
     _cifar_baselines(),
     _methods_table(),
     _imagenet_table("b1"), _imagenet_table("b2"), _imagenet_table("b3"), _imagenet_kd_vs_dist(),
-    _strength_table(),
+    *map(_strength_table, STRENGTH_STUDIES),
     _coco_table(),
 )})
 

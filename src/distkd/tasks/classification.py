@@ -46,6 +46,20 @@ def _silhouettes(cfg: DataConfig, seed: int) -> InMemoryData:
     return load_silhouettes()
 
 
+@DATASETS.register("silhouette_pairs")
+def _silhouette_pairs(cfg: DataConfig, seed: int) -> InMemoryData:
+    from distkd.data.silhouette_pairs import load_silhouette_pairs
+
+    unknown = set(cfg.kwargs) - {"train", "val", "test", "seed", "size"}
+    if unknown:
+        raise ConfigError(f"data.kwargs {', '.join(sorted(unknown))} not read by dataset 'silhouette_pairs' (it "
+                          "reads train, val, test (images per class), seed, size); remove them")
+    if cfg.flip:
+        raise ConfigError("data.flip mirrors left and right, which changes a silhouette pair's class; "
+                          "set data.flip=false for dataset 'silhouette_pairs'")
+    return load_silhouette_pairs(**cfg.kwargs)
+
+
 @DATASETS.register("cifar10")
 def _cifar10(cfg: DataConfig, seed: int) -> InMemoryData:
     from distkd.data.cifar import load_cifar
@@ -77,7 +91,8 @@ def _imagefolder(cfg: DataConfig, seed: int):  # noqa: ANN202 - FileData
 
 
 IN_MEMORY = {"crop_padding", "flip"}
-USES = {"silhouettes": IN_MEMORY, "cifar10": IN_MEMORY | {"root", "download", "val_size"},
+USES = {"silhouettes": IN_MEMORY, "silhouette_pairs": IN_MEMORY | {"kwargs"},
+        "cifar10": IN_MEMORY | {"root", "download", "val_size"},
         "cifar100": IN_MEMORY | {"root", "download", "val_size"},
         "imagefolder": {"root", "val_size", "preset", "image_size", "num_workers", "skip_unreadable", "in_memory",
                         *IN_MEMORY}}
