@@ -38,9 +38,14 @@ from distkd.reproduce import STRENGTH_STUDENT, STRENGTH_STUDIES, reproduce
 
 SECTIONS = {"silhouettes-strength": "## Teacher strength (silhouettes)",
             "pairs-strength": "## Teacher strength (silhouette pairs)"}
-DATA = {"silhouettes-strength": ("the embedded silhouettes", 10, "demo/kd.yaml", "demo/dist.yaml"),
-        "pairs-strength": ("the demo's silhouette pairs (100 classes)", 100, "demo/pairs_kd.yaml",
-                           "demo/pairs_dist.yaml")}
+TITLES = {"silhouettes-strength": "Silhouettes", "pairs-strength": "Silhouette pairs"}
+DATA = {  # table -> (the data in words, classes, KD config and settings, DIST config and settings)
+    "silhouettes-strength": ("the embedded silhouettes", 10, "`demo/kd.yaml` (0.1 CE + 0.9 KD, tau 4)",
+                             "`demo/dist.yaml` (CE + 2 x DIST, tau 4)"),
+    "pairs-strength": ("the demo's silhouette pairs (100 classes)", 100,
+                       "`demo/pairs_kd.yaml` (0.1 CE + 0.9 KD, tau 1, lr 0.4)",
+                       "`demo/pairs_dist.yaml` (CE + 2 x DIST, tau 1, lr 0.4)"),
+}
 
 
 def _run(table: str, rows: list[str], seeds: int, out: Path, overrides: list[str]) -> str:
@@ -94,7 +99,7 @@ def plot(table: str, rows: dict[str, dict], path: Path) -> None:
         ax.annotate(teacher.removeprefix("small_cnn6_"), (x, ax.get_ylim()[0]), fontsize=7, ha="center",
                     va="bottom", color="dimgray")
     ax.set(xlabel="teacher top-1 on val (%)", ylabel=f"student ({STRENGTH_STUDENT}) test top-1 (%)",
-           title=f"{DATA[table][0]}: student vs teacher accuracy")
+           title=f"{TITLES[table]}: student accuracy vs teacher accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -119,7 +124,7 @@ def section(table: str, rows: dict[str, dict], args: argparse.Namespace, seconds
         f"({cpu}), shared with other jobs; torch {torch.__version__}; {seconds / 60:.1f} min wall).",
         f"Student `{STRENGTH_STUDENT}` ({_params(STRENGTH_STUDENT, classes):,} parameters) on {data}, "
         f"{epochs} epochs per run (teachers and students), {args.seeds} student seeds per cell, teachers trained once "
-        f"(seed 0). KD: `{kd_config}` (0.1 CE + 0.9 KD, tau 4); DIST: `{dist_config}` (CE + 2 x DIST, tau 4). "
+        f"(seed 0). KD: {kd_config}; DIST: {dist_config}. "
         "Student: test top-1 (%) of the best-on-val epoch, mean ± std over seeds; teacher: top-1 on val.", "",
         "| teacher | params | teacher top-1 | KD student | DIST student | DIST − KD |",
         "|---|---:|---:|---:|---:|---:|",
