@@ -18,6 +18,7 @@ from distkd.data.augment import CropFlip
 from distkd.data.base import Split
 from distkd.data.loaders import TensorLoader
 from distkd.distill import Distiller, SingleInputStep, Term
+from distkd.engine import cpu
 from distkd.engine.trainer import Trainer, TrainingDiverged, TrainSetup
 from distkd.errors import ConfigError
 from distkd.losses import build_loss
@@ -196,3 +197,16 @@ def test_an_extreme_first_gradient_is_warned_about_and_every_epoch_logs_the_grad
     assert "warning" not in capsys.readouterr().err
     (record,) = records(tmp_path / "plain")
     assert 0 < record["train/grad_norm"] < 100
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], native: bool) -> None:
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    Trainer(tiny_config(amp="bf16"), tiny_setup(), torch.device("cpu"), tmp_path)
+    warned = "train.amp=bf16 on a CPU without native bfloat16" in capsys.readouterr().err
+    assert warned is not native
+
+
+def test_native_bf16_reports_a_bool() -> None:
+    assert isinstance(cpu.native_bf16(), bool)

@@ -1,4 +1,4 @@
-"""CPU allocator tuning for training on glibc systems.
+"""CPU facts for training: glibc allocator tuning, native bfloat16.
 
 With glibc's defaults, PyTorch's large activation buffers are returned to the OS after every step and
 faulted in again on the next (millions of page faults); timings then swing by 15-25%. Raising the mmap
@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+
+import torch
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -38,3 +40,16 @@ def tune_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     mmap_ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     return bool(mmap_ok) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), as oneDNN reports it.
+
+    Without it, bf16 autocast is emulated: a small CNN's training step ran 12x slower than in fp32 on an AVX2-only
+    AMD EPYC (2026-12-03), while CPUs with it gain ~1.4x.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+

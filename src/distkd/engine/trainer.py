@@ -28,7 +28,7 @@ from distkd.config import RunConfig, dump_config, to_dict
 from distkd.data.batch import Batch
 from distkd.distill import Distiller
 from distkd.distill.taps import tap_names
-from distkd.engine import distributed
+from distkd.engine import cpu, distributed
 from distkd.engine.checkpoint import load_state, remove_stale_temp_files, save_atomic
 from distkd.engine.ema import EMA
 from distkd.engine.logging import MetricsLog, Progress, environment
@@ -125,6 +125,9 @@ class Trainer:
         self.evaluated_at = -1  # the step of the latest evaluation
         self.first_step_checked = False
         self.progress = Progress(cfg.train.progress, self.epochs, enabled=self.is_main)
+        if self.is_main and device.type == "cpu" and self.amp_dtype is torch.bfloat16 and not cpu.native_bf16():
+            print("warning: train.amp=bf16 on a CPU without native bfloat16 (AVX512-BF16/AMX) is emulated: a training "
+                  "step ran about 12x slower than fp32 on such a CPU; set train.amp=none", file=sys.stderr, flush=True)
 
     def _param_groups(self) -> list[dict]:
         """The student's groups, then each term's own (its ``lr``/``weight_decay``, or the optimizer's)."""
