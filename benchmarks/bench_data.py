@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from PIL import Image  # noqa: E402
+from results_md import write_section  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from distkd.data.augment import CropFlip  # noqa: E402
@@ -184,15 +185,6 @@ def section(rows: list[Row], args: argparse.Namespace, device: torch.device) -> 
     ])
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of `path` (up to the next `## ` heading) or append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip("\n") + "\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -210,7 +202,7 @@ def main() -> None:
     rows = [row for work in workloads(args.data) for row in bench(work, args, device)]
     print(table(rows))
     if args.results:
-        write_section(args.results, section(rows, args, device))
+        write_section(args.results, SECTION, section(rows, args, device))
         print(f"wrote the '{SECTION[3:]}' section of {args.results}")
 
 

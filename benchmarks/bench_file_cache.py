@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from results_md import write_section  # noqa: E402
 
 from distkd.api import build_teacher_cache, train  # noqa: E402
 from distkd.config import load_config  # noqa: E402
@@ -129,11 +129,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.results:
-        results = args.results.read_text()
-        pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-        results = pattern.sub(text.rstrip("\n") + "\n", results) if pattern.search(results) else (
-            results.rstrip("\n") + "\n\n" + text)
-        args.results.write_text(results)
+        write_section(args.results, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
 if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+from results_md import write_section  # noqa: E402
 
 from distkd.api import train  # noqa: E402
 from distkd.config import load_config  # noqa: E402
@@ -72,11 +73,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.results:
-        results = args.results.read_text()
-        pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-        results = pattern.sub(text.rstrip("\n") + "\n", results) if pattern.search(results) else (
-            results.rstrip("\n") + "\n\n" + text)
-        args.results.write_text(results)
+        write_section(args.results, SECTION, text)
 
 
 if __name__ == "__main__":

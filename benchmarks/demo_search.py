@@ -19,11 +19,11 @@ import datetime
 import json
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
 import torch
+from results_md import write_section
 
 from distkd.api import train
 from distkd.config import load_config, resolve_config_path
@@ -87,14 +87,6 @@ def section(trials: list[dict], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of ``path`` (up to the next ``## `` heading) or append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo_search"))
@@ -106,7 +98,7 @@ def main() -> None:
     text = section(trials, time.perf_counter() - start)
     print(text)
     if args.results:
-        write_section(args.results, text)
+        write_section(args.results, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from results_md import write_section
 
 from distkd.models import create_model
 from distkd.reproduce import STRENGTH_STUDENT, STRENGTH_STUDIES, reproduce
@@ -140,14 +140,6 @@ def section(table: str, rows: dict[str, dict], args: argparse.Namespace, seconds
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str, heading: str) -> None:
-    """Replace the section ``heading`` of ``path`` (up to the next ``## `` heading) or append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--table", choices=sorted(STRENGTH_STUDIES), default="pairs-strength",
@@ -176,7 +168,7 @@ def main() -> None:
     text = section(table, rows, args, seconds, png)
     print(text)
     if args.results:
-        write_section(args.results, text, SECTIONS[table])
+        write_section(args.results, SECTIONS[table], text)
         print(f"wrote the '{SECTIONS[table][3:]}' section of {args.results}")
 
 
