@@ -19,7 +19,7 @@ import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
@@ -28,6 +28,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from distkd.errors import ConfigError
 from distkd.models import MODELS
+from distkd.models.small import BasicBlock
 
 FAMILIES = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
@@ -139,26 +140,6 @@ def tvdet_builder(name: str, num_classes: int, pretrained_backbone: bool = False
 # ---------------------------------------------------------------------------------------------- tiny detectors
 
 
-class _Block(nn.Module):
-    """A ResNet basic block (two 3x3 convs + BN), stride ``stride``, with a 1x1 projection when shapes change."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.relu(y + (x if self.down is None else self.down(x)))
-
-
 class NarrowResNet(nn.Sequential):
     """A narrow ResNet: stem (3x3 stride 2), then ``len(widths)`` stages of one block each, each stride 2.
 
@@ -171,7 +152,7 @@ class NarrowResNet(nn.Sequential):
         stages: OrderedDict[str, nn.Module] = OrderedDict(stem=stem)
         cin = widths[0]
         for i, width in enumerate(widths, 1):
-            stages[f"layer{i}"] = _Block(cin, width, 2)
+            stages[f"layer{i}"] = BasicBlock(cin, width, 2)
             cin = width
         super().__init__(stages)
 
