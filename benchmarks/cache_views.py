@@ -1,6 +1,6 @@
-"""How many cached views per image does a distilled student need? DIST students of the demo (silhouettes) trained
-from teacher caches of K views (each epoch shows every image in one of its K views, drawn at random) and from the
-live teacher (a fresh augmentation every time), over several seeds.
+"""How many cached views per image does a distilled student need? DIST students of the demo (silhouette pairs)
+trained from teacher caches of K views (each epoch shows every image in one of its K views, drawn at random) and
+from the live teacher (a fresh augmentation every time), over several seeds.
 
     python benchmarks/cache_views.py                                   # print the table
     python benchmarks/cache_views.py --results benchmarks/RESULTS.md   # also write its section
@@ -29,7 +29,7 @@ from results_md import write_section  # noqa: E402
 from distkd.api import train  # noqa: E402
 from distkd.config import load_config  # noqa: E402
 
-SECTION = "## Cached views per image (silhouettes)"
+SECTION = "## Cached views per image (silhouette pairs)"
 
 
 def run(out: Path, name: str, overrides: list[str]) -> tuple[float, float]:
@@ -37,7 +37,8 @@ def run(out: Path, name: str, overrides: list[str]) -> tuple[float, float]:
     summary_path = out / name / "summary.json"
     start = time.perf_counter()
     if not summary_path.exists():
-        train(load_config("demo/dist.yaml", [f"out_dir={out}", f"name={name}", "train.progress=none", *overrides]))
+        overrides = [f"out_dir={out}", f"name={name}", "train.progress=none", *overrides]
+        train(load_config("demo/pairs_dist.yaml", overrides))
     summary = json.loads(summary_path.read_text())
     return summary["best_test"], time.perf_counter() - start
 
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/cache_views"))
     parser.add_argument("--results", type=Path, help="write the section into this RESULTS.md")
     args = parser.parse_args()
-    teacher_cfg = load_config("demo/teacher.yaml", [f"out_dir={args.out}", "train.progress=none"])
+    teacher_cfg = load_config("demo/pairs_teacher.yaml", [f"out_dir={args.out}", "train.progress=none"])
     if not (teacher_cfg.run_dir / "summary.json").exists():
         train(teacher_cfg)
     teacher = f"teacher.checkpoint={teacher_cfg.run_dir / 'checkpoints' / 'best.pt'}"
@@ -64,7 +65,7 @@ def main() -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [SECTION, "",
-             f"{stamp}, commit {commit or 'unknown'}: `demo/dist.yaml` (15 epochs, DIST from the demo teacher) "
+             f"{stamp}, commit {commit or 'unknown'}: `demo/pairs_dist.yaml` (30 epochs, DIST from the demo teacher) "
              "with the teacher-output cache at K views, and with the live teacher; test top-1 of the best-on-val "
              f"epoch, {args.seeds} seeds (`benchmarks/cache_views.py`).", "",
              "| teacher outputs | test top-1 (mean ± std) | per seed |", "|---|---|---|",
