@@ -12,7 +12,7 @@ import torch
 
 from distkd.cli import main
 
-TINY = ("train.threads=1", "train.progress=none", "train.epochs=1", "model.name=small_cnn3_w2")
+TINY = ("train.threads=1", "train.progress=none", "train.epochs=1", "train.amp=none", "model.name=small_cnn3_w2")
 
 
 class RunsCode:
