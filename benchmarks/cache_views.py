@@ -67,8 +67,8 @@ def main() -> None:
     lines = [SECTION, "",
              f"{stamp}, commit {commit or 'unknown'}: `demo/pairs_dist.yaml` (30 epochs, DIST from the demo teacher) "
              "with the teacher-output cache at K views, and with the live teacher; test top-1 of the best-on-val "
-             f"epoch, {args.seeds} seeds (`benchmarks/cache_views.py`). Epochs beyond K reshuffle the views: each epoch "
-             "shows every image in one of its K views, drawn afresh per epoch from the run's seed.", "",
+             f"epoch, {args.seeds} seeds (`benchmarks/cache_views.py`). Epochs beyond K reshuffle the views: each "
+             "epoch shows every image in one of its K views, drawn afresh per epoch from the run's seed.", "",
              "| teacher outputs | test top-1 (mean ± std) | per seed |", "|---|---|---|",
              *(f"| {label} | {mean:.2f} ± {std:.2f} | {', '.join(f'{t:.2f}' for t in tops)} |"
                for label, mean, std, tops in rows), ""]
