@@ -242,8 +242,8 @@ def test_losses_inside_cpu_autocast_equal_the_plain_call_in_float32(name):
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_chunks_on_worker_threads_equal_the_serial_sweep_bit_for_bit(monkeypatch, activation):
-    # Several chunks with two torch threads: two workers, each running its chunks' ops on one thread; the
-    # same ops on the same chunks as the serial sweep with one thread, so the same bits.
+    # Two torch threads, 5 chunks: two workers each running its chunks' ops on one thread, against the same chunks
+    # swept in the calling thread (workers switched off): the same ops on the same chunks, so the same bits.
     monkeypatch.setattr(_relations, "CPU_CHUNK_ELEMENTS", 2 * 3 * 4)
     shape = (2, 3, 8, 5)
     student, teacher = logits(shape, 32, dtype=torch.float32), logits(shape, 33, dtype=torch.float32)
@@ -252,17 +252,19 @@ def test_chunks_on_worker_threads_equal_the_serial_sweep_bit_for_bit(monkeypatch
     before = torch.get_num_threads()
     results = {}
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+        torch.set_num_threads(2)
+        assert len(_relations._chunk_spans(torch.Size((2, 3, 40)), torch.device("cpu"))[1]) == 5
+        for min_chunks in (2, 10**9):  # workers, then the calling thread
+            monkeypatch.setattr(_relations, "WORKER_MIN_CHUNKS", min_chunks)
             leaf = student.clone().requires_grad_()
             value = loss(leaf, teacher, mask=mask)
             value.backward()
-            results[threads] = (value.detach(), leaf.grad)
-            assert torch.get_num_threads() == threads  # restored after the workers ran
+            results[min_chunks] = (value.detach(), leaf.grad)
+            assert torch.get_num_threads() == 2  # restored after the workers ran
     finally:
         torch.set_num_threads(before)
-    assert len(_relations._chunk_spans(torch.Size((2, 3, 40)), torch.device("cpu"))[1]) >= 4
-    assert torch.equal(results[1][0], results[2][0])
-    assert torch.equal(results[1][1], results[2][1])
-    assert results[2][0].item() == pytest.approx(dist_loss(student.double(), teacher.double(), tau=2.0,
-                                                           activation=activation, mask=mask), rel=1e-5)
+    (worker_value, worker_grad), (serial_value, serial_grad) = results.values()
+    assert torch.equal(worker_value, serial_value)
+    assert torch.equal(worker_grad, serial_grad)
+    assert worker_value.item() == pytest.approx(dist_loss(student.double(), teacher.double(), tau=2.0,
+                                                          activation=activation, mask=mask), rel=1e-5)

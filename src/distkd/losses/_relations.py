@@ -48,6 +48,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 EPS = 1e-8
 CPU_CHUNK_ELEMENTS = 1 << 17
+WORKER_MIN_CHUNKS = 2  # per thread: fewer chunks run in the calling thread (see _for_each_chunk)
 
 
 def _world_size() -> int:
@@ -78,21 +79,22 @@ def _chunk_spans(shape: torch.Size, device: torch.device) -> tuple[int, list[tup
     length = shape[dim]
     if device.type != "cpu":
         return dim, [(0, length)]
-    step = max(1, CPU_CHUNK_ELEMENTS // (n * c if dim == 2 else c))
+    # About CPU_CHUNK_ELEMENTS elements per thread: what one thread's ops take, or two workers' chunks together.
+    step = max(1, CPU_CHUNK_ELEMENTS * torch.get_num_threads() // (n * c if dim == 2 else c))
     return dim, [(start, min(step, length - start)) for start in range(0, length, step)]
 
 
 def _for_each_chunk(body: Callable[[int, Tensor], None], count: int, new_scratch: Callable[[], Tensor]) -> None:
     """``body(k, scratch)`` for every chunk ``k < count``, each thread with its own reused ``scratch``.
 
-    One chunk: run here, ops parallel inside as usual. Several: ``torch.get_num_threads()`` workers take the
-    chunks in turn, each running its ops on one thread. Each op of a chunk is too small to be worth an
-    OpenMP team, and a team's barrier waits for its slowest thread: with a core taken by another process that
-    stalled every op (4-11x KD's time here); workers that pull the next chunk when done do not wait for each
-    other. The chunks write disjoint outputs, so the result does not depend on the order.
+    Fewer than ``WORKER_MIN_CHUNKS`` per thread: run here, ops parallel inside as usual. More:
+    ``torch.get_num_threads()`` workers take the chunks in turn, each running its ops on one thread. Each op of a
+    chunk is too small to be worth an OpenMP team, and a team's barrier waits for its slowest thread: with a core
+    taken by another process that stalled every op (4-11x KD's time here); workers that pull the next chunk when
+    done do not wait for each other. The chunks write disjoint outputs, so the result does not depend on the order.
     """
     threads = torch.get_num_threads()
-    if count == 1 or threads == 1:
+    if threads == 1 or count < WORKER_MIN_CHUNKS * threads:  # too few to share: threads' pool start-up dominates
         scratch = new_scratch()
         for k in range(count):
             body(k, scratch)
