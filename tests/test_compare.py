@@ -43,6 +43,14 @@ def test_compare_writes_one_table_and_plot_and_reuses_finished_runs(tmp_path: Pa
         assert (out / "compare.png").stat().st_size > 0
         assert "reused" not in first and first.count("[") >= 7  # teacher + 3 methods x 2 seeds
         assert main(argv) == 0
+        assert capsys.readouterr().out.count("(reused)") == 7
+        # Student-only overrides leave the teacher's run as it was (reused); a finished student run made with
+        # another recipe is refused in one line, never reported as this one's.
+        assert main([*argv, "--student-set", "optim.lr=0.05"]) != 0
     finally:
         torch.set_num_threads(threads)
-    assert capsys.readouterr().out.count("(reused)") == 7
+    printed = capsys.readouterr()
+    assert printed.out.count("(reused)") == 1 and "teacher" in printed.out
+    error = printed.err.strip()
+    assert error.count("\n") == 0
+    assert "alone_seed0 holds a finished run with another config (differs in optim.lr)" in error

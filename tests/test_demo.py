@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from distkd import demo
+from distkd.errors import ConfigError
 
 
 @pytest.mark.slow
@@ -25,6 +26,9 @@ def test_classification_demo_writes_the_table_and_plot_and_reuses_finished_runs(
     capsys.readouterr()
     demo.run_demo(tmp_path, seeds=2, quick=True)
     assert capsys.readouterr().out.count("(reused)") == 7
+    monkeypatch.setitem(demo.QUICK, "classification", ["train.epochs=2", "data.kwargs={train: 4, val: 2, test: 2}"])
+    with pytest.raises(ConfigError, match="teacher holds a finished run with another config .differs in train.epochs"):
+        demo.run_demo(tmp_path, seeds=2, quick=True)  # another recipe never reuses this folder's results
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -283,9 +285,7 @@ def _check_same_config(cfg: RunConfig, last: Path) -> bool:
     return whether it does."""
     state = load_state(last)
     saved = state["config"]
-    # where the run lives and how it is computed, not what it computes: a run may move, or resume on another device
-    ignored = {"train.progress", "out_dir", "name", "train.threads", "train.device"}
-    diffs = [k for k in _diff(saved, to_dict(cfg)) if k not in ignored]
+    diffs = config_differences(saved, cfg)
     before = saved["train"]["epochs"]
     if diffs == ["train.epochs"] and cfg.train.epochs > before and cfg.train.max_steps is None:
         if distributed.is_main():
@@ -297,6 +297,32 @@ def _check_same_config(cfg: RunConfig, last: Path) -> bool:
         raise ConfigError(f"cannot resume {last}: the config differs in {', '.join(diffs[:5])}{grow}; "
                           "resume with the original config and overrides")
     return False
+
+
+def run_or_reuse(cfg: RunConfig) -> dict[str, Any]:
+    """The summary of ``cfg``'s run: read back when finished with the same config, else trained (or resumed).
+
+    A finished run with another config in the same folder is refused, naming the differences: reusing it would
+    report another experiment's result under this one's name."""
+    run_dir = cfg.run_dir
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return train(cfg, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        raise ConfigError(f"{run_dir} holds a finished run with another config (differs in {_listing(diffs)}); "
+                          "pass another --out, or delete that folder")
+    return json.loads(summary.read_text())
+
+
+# where a run lives and how it is computed, not what it computes: a run may move, or resume on another device
+NOT_WHAT_IT_COMPUTES = frozenset({"train.progress", "out_dir", "name", "train.threads", "train.device"})
+
+
+def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Dotted keys in which a run's saved config (plain data) and ``cfg`` differ in what they compute."""
+    return [k for k in _diff(saved, to_dict(cfg)) if k not in NOT_WHAT_IT_COMPUTES]
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:

@@ -93,7 +93,8 @@ def _predict(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from distkd.demo import run_demo
 
-    out = args.out or {"segmentation": "runs/demo_seg", "detection": "runs/demo_det"}.get(args.task, "runs/demo")
+    folder = {"segmentation": "runs/demo_seg", "detection": "runs/demo_det"}.get(args.task, "runs/demo")
+    out = args.out or folder + ("_quick" if args.quick else "")  # a quick run's teacher must not serve the full demo
     run_demo(Path(out), seeds=args.seeds, quick=args.quick, task=args.task)
 
 
@@ -101,9 +102,10 @@ def _compare(args: argparse.Namespace) -> None:
     from distkd.compare import DEFAULT_METHODS, resolve_methods, run_compare
 
     methods = resolve_methods(args.methods or ",".join(DEFAULT_METHODS), args.task)
-    out = Path(args.out or f"runs/compare_{args.task}")
+    out = Path(args.out or f"runs/compare_{args.task}" + ("_quick" if args.quick else ""))
     seeds = 1 if args.quick and args.seeds is None else (args.seeds or 3)
-    run_compare(out, methods, seeds=seeds, task=args.task, quick=args.quick, overrides=tuple(args.set))
+    run_compare(out, methods, seeds=seeds, task=args.task, quick=args.quick, overrides=tuple(args.set),
+                student_overrides=tuple(args.student_set))
 
 
 def _cache(args: argparse.Namespace) -> None:
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teacher -> tiny student on embedded data (silhouette pairs, scenes): alone, KD, "
                        "DIST")
     p.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification")
-    p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg, runs/demo_det)")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg, runs/demo_det; "
+                   "with --quick, the same with _quick)")
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     p.set_defaults(func=_demo)
@@ -229,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("classification", "segmentation"), default="classification")
     p.add_argument("--seeds", type=int, default=None, help="student seeds per method (default 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="shorter runs (as demo --quick)")
-    p.add_argument("--out", help="output folder (default runs/compare_<task>)")
-    p.add_argument("--set", nargs="+", default=[], metavar="key=value", help="overrides for every run")
+    p.add_argument("--out", help="output folder (default runs/compare_<task>, with --quick runs/compare_<task>_quick)")
+    p.add_argument("--set", nargs="+", default=[], metavar="key=value",
+                   help="overrides for every run, teacher included")
+    p.add_argument("--student-set", nargs="+", default=[], metavar="key=value",
+                   help="overrides for the students only (their recipe, e.g. optim.lr=0.05); the teacher keeps its own")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("cache", help="teacher-output cache: `distkd cache build CONFIG` computes it without training")

@@ -53,7 +53,7 @@ METHODS: dict[str, dict[str, Method]] = {
         "cc": {"ce_weight": 1.0, "distill": [{"loss": "cc", "weight": 0.02, **PENULTIMATE}]},
         "crd": {"ce_weight": 1.0, "distill": [{"loss": "crd", "weight": 0.8, "kwargs": {"nce_k": 4096},
                                                 **PENULTIMATE}],
-                "note": "4,096 negatives (16,384 of 50,000 on CIFAR; 7,000 training images here)"},
+                "note": "4,096 negatives (16,384 of 50,000 on CIFAR), with replacement where fewer exist"},
         "reviewkd": {"ce_weight": 1.0, "distill": [{"loss": "reviewkd", "weight": 1.0, "kwargs": {"warmup": 1},
                                                      "student": ["stage1", "stage2", "stage3", "penultimate"],
                                                      "teacher": ["stage1", "stage2", "stage3", "penultimate"]}],
@@ -98,8 +98,11 @@ def resolve_methods(spec: str, task: str) -> dict[str, Method]:
 
 
 def run_compare(out: Path, methods: dict[str, Method], seeds: int = 3, task: str = "classification",
-                quick: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, list[RunResult]]:
-    """Train the teacher once and every method's student for ``seeds`` seeds; write the report and the plot."""
+                quick: bool = False, overrides: tuple[str, ...] = (),
+                student_overrides: tuple[str, ...] = ()) -> dict[str, list[RunResult]]:
+    """Train the teacher once and every method's student for ``seeds`` seeds; write the report and the plot.
+
+    ``overrides`` apply to every run, ``student_overrides`` to the students only (after the method's terms)."""
     configs = CONFIGS[task]
     common = [f"out_dir={out}", *(QUICK[task] if quick else []), *overrides]
     total = 1 + len(methods) * seeds
@@ -119,6 +122,7 @@ def run_compare(out: Path, methods: dict[str, Method], seeds: int = 3, task: str
                         f"teacher.checkpoint={checkpoint}"]
             else:
                 run.append("teacher=null")
+            run += student_overrides
             results[name].append(_run(load_config(configs["alone"], run), index, total))
     report = _report(teacher, results, methods, seeds)
     (out / "report.md").write_text(report)

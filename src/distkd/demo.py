@@ -7,7 +7,7 @@ Segmentation (``--task segmentation``): the same on the silhouette scenes with a
 teacher and a 114k-parameter student, reporting mIoU. Detection (``--task detection``): RetinaNets on the
 scenes with boxes, per-level sigmoid KD and DIST, reporting COCO box mAP. Writes ``report.md`` with a table (test
 metric of the best-on-val epoch, mean ± std over seeds, and each seed's paired differences) and ``val_curves.png``.
-Finished runs are reused, so an interrupted demo continues where it stopped.
+Finished runs with the same config are reused, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distkd.api import train
+from distkd.api import run_or_reuse
 from distkd.config import RunConfig, load_config, resolve_config_path
 
 CONFIGS = {
@@ -71,13 +71,10 @@ def run_demo(out: Path, seeds: int = 3, quick: bool = False, task: str = "classi
 
 
 def _run(cfg: RunConfig, index: int, total: int) -> RunResult:
-    summary_path = cfg.run_dir / "summary.json"
     start = time.perf_counter()
-    reused = summary_path.exists()
-    if not reused:
-        train(cfg, resume=(cfg.run_dir / "checkpoints" / "last.pt").exists())
+    reused = (cfg.run_dir / "summary.json").exists()
+    summary = run_or_reuse(cfg)
     seconds = time.perf_counter() - start
-    summary = json.loads(summary_path.read_text())
     metric = summary["metric"]
     records = map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
     curve = [r[f"val/{metric}"] for r in records if f"val/{metric}" in r]

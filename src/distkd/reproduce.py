@@ -24,11 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
-import yaml
-
-from distkd.config import RunConfig, load_config, to_dict
+from distkd.config import load_config
 from distkd.errors import ConfigError, UnknownNameError
 from distkd.published import SOURCES, Published, published
 from distkd.registry import nearest
@@ -330,6 +327,7 @@ def reproduce(table_name: str, rows: Sequence[str] | None = None, seeds: int = 1
     or ``train.epochs=1``. ``teacher_ckpts``: ``ROW=PATH`` or ``TEACHER_KEY=PATH`` items that skip
     training that teacher. Runs go through :func:`distkd.api.train`, in this process.
     """
+    from distkd.api import run_or_reuse
     from distkd.config import resolve_config_path
 
     table = get_table(table_name)
@@ -353,30 +351,6 @@ def reproduce(table_name: str, rows: Sequence[str] | None = None, seeds: int = 1
         {"table": table.name, "seeds": seeds, "overrides": list(overrides),
          "rows": [vars(r) for r in results.values()]}, indent=2))
     return markdown
-
-
-def run_or_reuse(cfg: RunConfig) -> dict[str, Any]:
-    """The summary of ``cfg``'s run: read back when finished with the same config, else trained (or resumed)."""
-    from distkd.api import train
-
-    run_dir = cfg.run_dir
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-        diffs = _differences(saved, to_dict(cfg))
-        if diffs:
-            raise ConfigError(f"{run_dir} holds a finished run with another config (differs in "
-                              f"{', '.join(diffs[:5])}); pass another --out, or delete that folder")
-        return json.loads(summary.read_text())
-    return train(cfg, resume=(run_dir / "checkpoints" / "last.pt").is_file())
-
-
-def _differences(a: Any, b: Any, path: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain-data configs (``train.progress`` ignored)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
-        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{path}.{k}".lstrip("."))]
-    return [] if a == b or path == "train.progress" else [path]
 
 
 # ----------------------------------------------------------------------------- the report
