@@ -99,3 +99,17 @@ def test_the_readme_quotes_the_quick_demo_numbers_the_command_prints(tmp_path):
             assert abs(float(q[column]) - float(p[column])) <= TOLERANCE, (q, p)
     for q, p in zip(quoted[4][1:], printed[4][1:], strict=True):
         assert abs(float(q) - float(p)) <= TOLERANCE, (quoted[4], printed[4])
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_in_worker_processes_give_the_sequential_results(tmp_path, monkeypatch):
+    # jobs=2: teacher beside the student alone, the shared cache built once, then KD and DIST side by side.
+    monkeypatch.setitem(demo.QUICK, "classification", ["train.epochs=1", "data.kwargs={train: 4, val: 2, test: 2}"])
+    sequential = demo.run_demo(tmp_path / "one", seeds=1, quick=True, jobs=1)
+    parallel = demo.run_demo(tmp_path / "two", seeds=1, quick=True, jobs=2)
+    assert list(parallel) == ["teacher", "alone", "kd", "dist"]
+    for method, runs in sequential.items():
+        assert [r.summary["best_test"] for r in parallel[method]] == [r.summary["best_test"] for r in runs], method
+        assert parallel[method][0].val_curve == runs[0].val_curve, method
+    assert (tmp_path / "two" / "teacher_cache" / "meta.json").is_file()
+

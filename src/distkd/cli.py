@@ -95,7 +95,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     folder = {"segmentation": "runs/demo_seg", "detection": "runs/demo_det"}.get(args.task, "runs/demo")
     out = args.out or folder + ("_quick" if args.quick else "")  # a quick run's teacher must not serve the full demo
-    run_demo(Path(out), seeds=args.seeds, quick=args.quick, task=args.task)
+    run_demo(Path(out), seeds=args.seeds, quick=args.quick, task=args.task, jobs=args.jobs)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --quick, the same with _quick)")
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs trained at once, one process and one thread each (default: 2, or 1 on one core); "
+                        "the results do not depend on it")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("compare", help="distillation methods side by side on the embedded data (teacher trained once)")

@@ -13,12 +13,14 @@ Finished runs with the same config are reused, so an interrupted demo continues 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from distkd.api import run_or_reuse
+from distkd.api import build_teacher_cache, run_or_reuse
 from distkd.config import RunConfig, load_config, resolve_config_path
 
 CONFIGS = {
@@ -44,30 +46,74 @@ class RunResult:
     seconds: float
 
 
-def run_demo(out: Path, seeds: int = 3, quick: bool = False, task: str = "classification") -> dict[str, list]:
-    """Run the demo of ``task`` into ``out`` and return the results per method (``"teacher"`` included)."""
+def run_demo(out: Path, seeds: int = 3, quick: bool = False, task: str = "classification",
+             jobs: int = 1) -> dict[str, list]:
+    """Run the demo of ``task`` into ``out`` and return the results per method (``"teacher"`` included).
+
+    ``jobs`` > 1 trains that many runs at once, each in its own process: the teacher beside the students that do
+    not need it, then the teacher-output cache once, then the distilled students. Every run is seeded and
+    single-threaded, so the results are those of ``jobs=1``."""
     configs = CONFIGS[task]
     seeds = 1 if quick and seeds == 3 else seeds
     common = [f"out_dir={out}", *(QUICK[task] if quick else [])]
-    methods = [m for m in configs if m != "teacher"]
-    total = 1 + len(methods) * seeds
     teacher_cfg = load_config(resolve_config_path(configs["teacher"]), common)
-    results = {"teacher": [_run(teacher_cfg, 1, total)]}
     teacher_ckpt = teacher_cfg.run_dir / "checkpoints" / "best.pt"
-    index = 1
-    for method in methods:
-        results[method] = []
+    students: dict[str, list[RunConfig]] = {}
+    for method in (m for m in configs if m != "teacher"):
+        students[method] = []
         for seed in range(seeds):
-            index += 1
             overrides = [*common, f"name={method}_seed{seed}", f"seed={seed}", "train.progress=none"]
             if method != "alone":
                 overrides += [f"teacher.checkpoint={teacher_ckpt}", f"teacher_cache.dir={out / 'teacher_cache'}"]
-            results[method].append(_run(load_config(resolve_config_path(configs[method]), overrides), index, total))
+            students[method].append(load_config(resolve_config_path(configs[method]), overrides))
+    start = time.perf_counter()
+    order = [teacher_cfg, *(cfg for runs in students.values() for cfg in runs)]
+    index = {cfg.name: k for k, cfg in enumerate(order, 1)}
+    with _Runner(jobs, len(order)) as runner:
+        runner.start([teacher_cfg, *students.get("alone", [])], index)  # the alone students need no teacher
+        runner.wait(teacher_cfg.name)
+        cached = [cfg for runs in students.values() for cfg in runs if cfg.teacher_cache.views]
+        if cached and jobs > 1:  # built once, before students that share it start side by side
+            runner.build_cache(cached[0])
+        runner.start([cfg for method, runs in students.items() if method != "alone" for cfg in runs], index)
+        results = {"teacher": [runner.wait(teacher_cfg.name)],
+                   **{method: [runner.wait(cfg.name) for cfg in runs] for method, runs in students.items()}}
     report = _report(results, seeds)
     (out / "report.md").write_text(report)
     _plot(results, out / "val_curves.png")
-    print(f"\n{report}\nwritten: {out / 'report.md'}, {out / 'val_curves.png'}")
+    print(f"\n{report}\nwritten: {out / 'report.md'}, {out / 'val_curves.png'} ({time.perf_counter() - start:.0f} s "
+          f"wall, {jobs} run(s) at a time)")
     return results
+
+
+class _Runner:
+    """Runs the demo's trainings in this process (``jobs`` 1) or in ``jobs`` worker processes."""
+
+    def __init__(self, jobs: int, total: int) -> None:
+        self.total = total
+        self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
+        self.futures: dict[str, Future | RunResult] = {}
+
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def start(self, cfgs: list[RunConfig], index: dict[str, int]) -> None:
+        for cfg in cfgs:
+            args = (cfg, index[cfg.name], self.total)
+            self.futures[cfg.name] = self.pool.submit(_run, *args) if self.pool else _run(*args)
+
+    def wait(self, name: str) -> RunResult:
+        result = self.futures[name]
+        return result.result() if isinstance(result, Future) else result
+
+    def build_cache(self, cfg: RunConfig) -> None:
+        start = time.perf_counter()
+        self.pool.submit(build_teacher_cache, cfg).result()
+        print(f"teacher-output cache ready ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def _run(cfg: RunConfig, index: int, total: int) -> RunResult:
