@@ -122,3 +122,19 @@ def test_more_epochs_extend_a_finished_run_with_the_schedule_recomputed(
     assert records[1]["lr"] == pytest.approx(0.025) and records[2]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert "epochs: 3" in (cfg.run_dir / "config.yaml").read_text()
     assert json.loads((cfg.run_dir / "summary.json").read_text())["epochs"] == 3
+
+
+def test_demo_quick_runs_in_its_own_folder_and_bad_jobs_is_one_line(monkeypatch, capsys) -> None:
+    # A quick demo's weak teacher must never serve the full demo: the default folders differ.
+    import distkd.demo
+
+    calls = []
+    monkeypatch.setattr(distkd.demo, "run_demo", lambda out, **kwargs: calls.append((out, kwargs)))
+    assert main(["demo", "--quick", "--jobs", "1"]) == 0 and main(["demo"]) == 0
+    assert [str(out) for out, _ in calls] == ["runs/demo_quick", "runs/demo"]
+    assert calls[0][1]["jobs"] == 1
+    monkeypatch.undo()
+    assert main(["demo", "--jobs", "0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--jobs must be at least 1" in error
+

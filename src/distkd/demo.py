@@ -22,6 +22,7 @@ from pathlib import Path
 
 from distkd.api import build_teacher_cache, run_or_reuse
 from distkd.config import RunConfig, load_config, resolve_config_path
+from distkd.errors import ConfigError
 
 CONFIGS = {
     "classification": {"teacher": "demo/pairs_teacher.yaml", "alone": "demo/pairs_student.yaml",
@@ -53,6 +54,8 @@ def run_demo(out: Path, seeds: int = 3, quick: bool = False, task: str = "classi
     ``jobs`` > 1 trains that many runs at once, each in its own process: the teacher beside the students that do
     not need it, then the teacher-output cache once, then the distilled students. Every run is seeded and
     single-threaded, so the results are those of ``jobs=1``."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (runs trained at once); got {jobs}")
     configs = CONFIGS[task]
     seeds = 1 if quick and seeds == 3 else seeds
     common = [f"out_dir={out}", *(QUICK[task] if quick else [])]
