@@ -59,6 +59,10 @@ class TrainSetup:
 
     ``meta``: what a deployed model needs to know (class names, preprocessing), stored in every checkpoint.
     ``test_is_val``: the test split is the val split itself (the report says so).
+    ``ddp``: under torchrun the student is wrapped in DistributedDataParallel. False when the task's step calls
+    the student's parts (a detector's backbone and heads), which DDP's forward would never see: the trainer then
+    gives every rank rank 0's weights and averages the student's gradients itself, in one all-reduce per
+    optimizer step.
     """
 
     distiller: Distiller
@@ -69,6 +73,7 @@ class TrainSetup:
     metric: str
     meta: dict[str, Any] = field(default_factory=dict)
     test_is_val: bool = False
+    ddp: bool = True
 
 
 EXTREME_GRAD_NORM = 100.0  # at the first step; cross-entropy and KD give about 1 on fresh students
@@ -103,8 +108,14 @@ class Trainer:
         distributed.broadcast_state(self.distiller.term_state_dict())  # every rank starts from rank 0's state
         if cfg.train.sync_bn:  # before DDP wraps the student, as DDP requires
             distributed.sync_batchnorm(self.student, device)
-        runner = distributed.wrap(self.student, device)  # DDP gives all ranks rank 0's weights
+        if setup.ddp:
+            runner = distributed.wrap(self.student, device)  # DDP gives all ranks rank 0's weights
+        else:  # the trainer averages the student's gradients in _optimizer_step
+            runner = self.student
+            distributed.broadcast_state(self.student.state_dict())
         self.ddp = runner if runner is not self.student else None
+        self.synced_params = self.term_params if setup.ddp else [
+            *(p for p in self.student.parameters() if p.requires_grad), *self.term_params]
         # compiled for training steps only; weights, checkpoints and evaluation use the plain module
         self.distiller.student = torch.compile(runner) if cfg.train.compile else runner
         self.ema = EMA(self.student, cfg.train.ema_decay) if cfg.train.ema_decay else None  # so copy them after
@@ -214,10 +225,10 @@ class Trainer:
         return images, time.perf_counter() - start
 
     def _optimizer_step(self) -> Tensor:
-        """Average the terms' gradients over ranks (DDP did the student's), clip, step, schedule, EMA; return the
-        gradient norm before clipping (a device tensor: no host sync)."""
-        if self.term_params and distributed.world_size() > 1:
-            distributed.average_gradients(self.term_params)
+        """Average the terms' gradients over ranks (and the student's, unless DDP did), clip, step, schedule, EMA;
+        return the gradient norm before clipping (a device tensor: no host sync)."""
+        if self.synced_params and distributed.world_size() > 1:
+            distributed.average_gradients(self.synced_params)
         self.scaler.unscale_(self.optimizer)
         params = [*self.student.parameters(), *self.term_params]
         grad_norm = nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip or math.inf).detach().float()

@@ -19,8 +19,9 @@ What the distillation terms compare, as the DIST authors (hunto/MasKD's mmrazor 
 ``loss.mask_padding`` keeps the positions that only see the batch's padding out of the per-level terms (the
 authors did not mask them).
 
-Detection trains in one process (the step calls the detector's parts, which DDP would not synchronise) and
-without the teacher-output cache (Faster R-CNN's teacher logits depend on the student's RoIs).
+Under torchrun each process trains on its share of every batch; the step calls the detector's parts, which
+DDP's forward would not see, so the trainer averages the student's gradients itself (``TrainSetup.ddp`` False).
+Detection has no teacher-output cache (Faster R-CNN's teacher logits depend on the student's RoIs).
 """
 
 from __future__ import annotations
@@ -255,9 +256,6 @@ def check_terms(cfg: RunConfig, student: nn.Module) -> None:
 
 def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     """Everything the trainer needs for a detection run described by ``cfg``."""
-    if distributed.world_size() > 1:
-        raise ConfigError("detection trains in one process for now (its step calls the detector's parts, which "
-                          "DDP does not synchronise); run without torchrun")
     if cfg.train.compile:
         raise ConfigError("train.compile is not supported for detection (the step calls the detector's parts); "
                           "set train.compile=false")
@@ -274,7 +272,7 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     if teacher is not None:
         check_pair(student, teacher)
     step = DetectionStep(cfg.loss.ce_weight, cfg.loss.mask_padding).bind(student)
-    return TrainSetup(Distiller(student, teacher, terms, step), train, val, test, evaluate, metric="map")
+    return TrainSetup(Distiller(student, teacher, terms, step), train, val, test, evaluate, metric="map", ddp=False)
 
 
 @torch.no_grad()
