@@ -43,7 +43,7 @@ DATA = {  # table -> (the data in words, classes, KD config and settings, DIST c
     "silhouettes-strength": ("the embedded silhouettes", 10, "`demo/kd.yaml` (0.1 CE + 0.9 KD, tau 4)",
                              "`demo/dist.yaml` (CE + 2 x DIST, tau 4)"),
     "pairs-strength": ("the demo's silhouette pairs (100 classes)", 100,
-                       "`demo/pairs_kd.yaml` (0.1 CE + 0.9 KD, tau 1, lr 0.4)",
+                       "`demo/pairs_kd.yaml` (0.1 CE + 0.9 KD, tau 4, lr 0.2)",
                        "`demo/pairs_dist.yaml` (CE + 2 x DIST, tau 1, lr 0.4)"),
 }
 

@@ -140,6 +140,8 @@ def test_strength_study_trains_each_teacher_once_for_kd_and_dist(tmp_path: Path,
             ckpt = tmp_path / "teachers" / f"{data}-{teacher}" / "checkpoints" / "best.pt"
             assert run.config == f"{prefix}{method}.yaml"
             assert f"teacher.name={teacher}" in run.overrides and f"teacher.checkpoint={ckpt}" in run.overrides
+            # KD's and DIST's students of one teacher share one teacher-output cache
+            assert f"teacher_cache.dir={tmp_path / 'teacher_caches' / f'{data}-{teacher}'}" in run.overrides
 
 
 def test_baselines_train_teachers_and_students_alone(tmp_path: Path) -> None:

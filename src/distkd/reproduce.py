@@ -260,7 +260,8 @@ def plan(table: Table, rows: Sequence[str] | None, seeds: int, out: Path, overri
          teacher_ckpts: dict[str, str] | None = None) -> list[tuple[str, Run]]:
     """The runs :func:`reproduce` makes, in order: ``(role, run)`` with role ``teacher`` or the row name.
 
-    Every run carries its final overrides (run folder, seed, teacher checkpoint, then ``overrides``).
+    Every run carries its final overrides (run folder, seed, teacher checkpoint and, for students that replay a
+    teacher-output cache, the teacher's shared cache folder, then ``overrides``).
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
@@ -282,11 +283,22 @@ def plan(table: Table, rows: Sequence[str] | None, seeds: int, out: Path, overri
                     steps.append(("teacher", Run(row.teacher.run.config, row.teacher.run.overrides + extra)))
                 given = str(folder / row.teacher.key / "checkpoints" / "best.pt")
             teacher_opts = (f"teacher.checkpoint={given}",)
+            if _uses_cache(row.student, overrides):
+                # every student of this teacher replays one teacher-output cache; it records the teacher checkpoint,
+                # data and augmentation, so a student that needs another one rebuilds it
+                teacher_opts += (f"teacher_cache.dir={out / 'teacher_caches' / row.teacher.key}",)
         for seed in range(seeds):
             extra = (f"out_dir={out / table.name / row.name}", f"name=seed{seed}", f"seed={seed}", *teacher_opts,
                      *overrides)
             steps.append((row.name, Run(row.student.config, row.student.overrides + extra)))
     return steps
+
+
+def _uses_cache(run: Run, overrides: Sequence[str]) -> bool:
+    """Whether ``run`` (with the user's ``overrides``) trains on a teacher-output cache."""
+    from distkd.config import resolve_config_path
+
+    return load_config(resolve_config_path(run.config), [*run.overrides, *overrides]).teacher_cache.views > 0
 
 
 def commands(steps: Sequence[tuple[str, Run]], nproc: int = 1) -> list[str]:
