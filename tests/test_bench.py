@@ -77,3 +77,65 @@ def test_device_cuda_runs_there_or_is_a_one_line_error(capsys: pytest.CaptureFix
         assert code == 0 and json.loads(out)["machine"]["device"].startswith("cuda")
     else:
         assert code == 2 and err.strip() == "error: --device cuda but no CUDA device is available; use --device cpu"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bench --config: a distillation config's own step on its own data, any task.
+
+def _task_bench(config: str, *overrides: str, json_out: bool = False) -> list[str]:
+    return ["bench", "--config", config, *overrides, "--steps", "1", "--warmup", "1", "--repeats", "2",
+            *(["--json"] if json_out else [])]
+
+
+def _initial_teacher(config: str, classes: int, path) -> str:  # noqa: ANN001
+    """A teacher checkpoint with the config's teacher at its initial weights (a trained one costs the same)."""
+    from distkd.config import load_config, resolve_config_path
+    from distkd.models import create_model
+
+    teacher = load_config(resolve_config_path(config)).teacher
+    torch.save(create_model(teacher.name, num_classes=classes, **teacher.kwargs).state_dict(), path)
+    return f"teacher.checkpoint={path}"
+
+
+def test_bench_config_times_a_detection_distillation_step_and_its_parts(tmp_path, capsys) -> None:  # noqa: ANN001
+    scenes = f"data.kwargs={{train: 16, val: 8, test: 8, size: 64, folder: {tmp_path}}}"
+    small = [scenes, "data.batch_size=4", "model.kwargs.min_size=64", "model.kwargs.max_size=64"]
+    frcnn = _initial_teacher("demo/det_frcnn_dist.yaml", 10, tmp_path / "frcnn.pt")
+    assert main(_task_bench("demo/det_frcnn_dist.yaml", *small, frcnn)) == 0
+    out = capsys.readouterr().out
+    assert "(detection): det_fasterrcnn_tiny -> det_fasterrcnn_tiny, terms dist, batch 4" in out
+    for label in ("student train step", "teacher forward", "distill step (live teacher)"):
+        images_per_s = float(next(ln for ln in out.splitlines() if ln.startswith(label))[len(label):].split()[0])
+        assert images_per_s > 0
+    assert "distill / (student + teacher) =" in out and "cached" not in out
+    retinanet = _initial_teacher("demo/det_dist.yaml", 10, tmp_path / "retinanet.pt")
+    assert main(_task_bench("demo/det_dist.yaml", *small, retinanet, json_out=True)) == 0  # per-level terms
+    result = json.loads(capsys.readouterr().out)
+    ips = result["images_per_s"]
+    assert result["settings"]["terms"] == ["dist_cls_logits"] and set(ips) == {"student", "teacher", "distill"}
+    expected = (1 / ips["distill"]) / (1 / ips["student"] + 1 / ips["teacher"])
+    assert result["ratios"]["distill_over_parts"] == pytest.approx(expected)
+    assert len(result["repeat_seconds"]["distill"]) == 2
+
+
+def test_bench_config_times_a_classification_config_too(tmp_path, capsys) -> None:  # noqa: ANN001
+    teacher = _initial_teacher("demo/pairs_dist.yaml", 100, tmp_path / "teacher.pt")
+    assert main(_task_bench("demo/pairs_dist.yaml", "data.kwargs={train: 2, val: 1, test: 1}", "data.batch_size=32",
+                            teacher, json_out=True)) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["task"] == "classification" and result["settings"]["batch"] == 32
+    assert all(v > 0 for v in result["images_per_s"].values())
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "--config", "demo/pairs_student.yaml"], "has no distillation terms"),
+    (["bench", "--config", "demo/pairs_dist.yaml", "--teacher", "small_cnn3_w2"], "drop --teacher/--student"),
+    (["bench", "optim.lr=0.1", "--teacher", "a", "--student", "b"], "apply to --config only"),
+    (["bench"], "needs --teacher and --student"),
+    (["bench", "--config", "demo/pairs_dist.yaml", "teacher.checkpoint=/nonexistent/best.pt"], "does not exist"),
+])
+def test_bench_config_misuse_is_a_one_line_error(argv: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err

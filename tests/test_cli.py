@@ -138,3 +138,18 @@ def test_demo_quick_runs_in_its_own_folder_and_bad_jobs_is_one_line(monkeypatch,
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "--jobs must be at least 1" in error
 
+
+
+def test_demo_detector_chooses_the_detection_models_and_needs_task_detection(monkeypatch, capsys) -> None:
+    import distkd.demo
+
+    calls = []
+    monkeypatch.setattr(distkd.demo, "run_demo", lambda out, **kwargs: calls.append((out, kwargs)))
+    assert main(["demo", "--task", "detection"]) == 0
+    assert main(["demo", "--task", "detection", "--detector", "retinanet", "--quick"]) == 0
+    assert [(str(out), kw["task"]) for out, kw in calls] == [
+        ("runs/demo_det", "detection"), ("runs/demo_det_retinanet_quick", "detection-retinanet")]
+    assert distkd.demo.CONFIGS["detection-retinanet"]["dist"] == "demo/det_dist.yaml"
+    assert main(["demo", "--detector", "retinanet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "needs --task detection" in error

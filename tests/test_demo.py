@@ -23,6 +23,7 @@ def test_classification_demo_writes_the_table_and_plot_and_reuses_finished_runs(
     assert " ± " in report and "| 1 | " in report  # two seeds: mean ± std, a paired-difference row per seed
     assert (tmp_path / "val_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "teacher_cache" / "meta.json").is_file()  # KD and DIST students share one cache
+    assert {r.cfg.teacher_cache.views for m in ("kd", "dist") for r in results[m]} == {4}  # --quick: 4 views, not 16
     capsys.readouterr()
     demo.run_demo(tmp_path, seeds=2, quick=True)
     assert capsys.readouterr().out.count("(reused)") == 7
@@ -60,8 +61,8 @@ def test_the_report_lists_mean_std_per_method_and_each_seeds_paired_differences(
     report = demo._report(results, seeds=3)
     assert "silhouette pairs (100 ordered-pair classes" in report
     assert "| small_cnn6_w32 | teacher | 299,780 | 15 | 70.00 | 69.00 | 2 s |" in report
-    assert "| small_cnn3_w4 | alone | 3,232 | 30 | 21.00 ± 1.00 | 20.00 ± 1.00 | 6 s |" in report
-    assert "| small_cnn3_w4 | dist | 3,232 | 30 | 29.17 ± 1.26 |" in report
+    assert "| small_cnn3_w4 | alone | 3,232 | 40 | 21.00 ± 1.00 | 20.00 ± 1.00 | 6 s |" in report
+    assert "| small_cnn3_w4 | dist | 3,232 | 40 | 29.17 ± 1.26 |" in report
     assert "| seed | kd − alone | dist − alone | dist − kd |" in report
     assert "| 0 | +4.00 | +9.00 | +5.00 |" in report and "| 2 | +5.00 | +7.00 | +2.00 |" in report
     assert "| mean ± std | +4.00 ± 1.00 | +8.17 ± 1.04 | +4.17 ± 1.89 |" in report
@@ -69,7 +70,7 @@ def test_the_report_lists_mean_std_per_method_and_each_seeds_paired_differences(
 
 def test_a_one_seed_report_has_no_spread_row():
     report = demo._report(_fake_results({"teacher": [70.0], "alone": [20.0], "kd": [24.0], "dist": [29.0]}), 1)
-    assert "| small_cnn3_w4 | kd | 3,232 | 30 | 24.00 | 23.00 | 2 s |" in report
+    assert "| small_cnn3_w4 | kd | 3,232 | 40 | 24.00 | 23.00 | 2 s |" in report
     assert "| 0 | +4.00 | +9.00 | +5.00 |" in report and "mean ± std |" not in report
 
 

@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -167,6 +168,108 @@ class InferenceTeacher(nn.Module):
         return out.clone()
 
 
+@dataclass
+class TaskBenchConfig:
+    """What ``distkd bench --config`` measures: the run ``config`` (a path or bundled name) with ``overrides``."""
+
+    config: str
+    overrides: tuple[str, ...] = ()
+    steps: int = 5
+    warmup: int = 2
+    repeats: int = 5
+
+
+def run_task_bench(cfg: TaskBenchConfig) -> dict[str, Any]:
+    """Time a distillation config's own step on its own training batches, next to its parts.
+
+    The run is built as ``distkd train`` builds it (task, data, student, teacher from ``teacher.checkpoint``,
+    terms; no teacher-output cache), and three
+    steps are timed round-robin on ``POOL`` training batches: the student's step alone (the task's step without
+    terms: forward with its task losses, backward, optimizer step), the teacher's forward as the task feeds it
+    (for a detector: its backbone and heads on the student's transformed batch, or on the student's RoIs), and
+    the distillation step (student, teacher, terms, backward, optimizer step). Works for every task."""
+    from distkd.config import load_config, resolve_config_path
+    from distkd.engine.trainer import seed_everything
+    from distkd.tasks import get_task
+    from distkd.tasks.common import resolve_teacher
+
+    _check_counts(cfg)
+    run = load_config(resolve_config_path(cfg.config), [*cfg.overrides, "teacher_cache.views=0"])
+    if not run.loss.distill:
+        raise ConfigError(f"{cfg.config} has no distillation terms (loss.distill); bench --config times a "
+                          "distillation step against its parts: give a config with a teacher and terms")
+    if run.teacher is not None and run.teacher.checkpoint is not None and not Path(run.teacher.checkpoint).is_file():
+        raise ConfigError(f"teacher.checkpoint {run.teacher.checkpoint} does not exist; give the teacher run's "
+                          "checkpoints/best.pt")
+    run = resolve_teacher(run)
+    if run.train.threads:
+        torch.set_num_threads(run.train.threads)
+    device = _device("cuda" if run.train.device.startswith("cuda") else "cpu")
+    info = machine(device)
+    seed_everything(run.seed)
+    setup = get_task(run.task).build(run, device)
+    distiller = setup.distiller.to(device)
+    batches = [batch for batch, _ in zip(setup.train, range(POOL), strict=False)]
+    distiller.probe(batches[0], dataset_size=setup.train.dataset_size)
+    distiller.to(device)
+    alone = Distiller(distiller.student, None, [], distiller.step)
+    alone.train()
+    distiller.train()
+    params = [*distiller.student.parameters(), *(p for _, ps in distiller.term_parameters() for p in ps)]
+    optimizer = build_optimizer([p for p in params if p.requires_grad], run.optim)
+
+    def train_step(model: Distiller, i: int) -> None:
+        loss = sum(model(batches[i % len(batches)], 1).losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with torch.no_grad():  # what the task feeds the teacher (a detector's transformed batch, its RoIs)
+        student_outputs = [distiller.step.student(distiller.student, batch)[0] for batch in batches]
+
+    def teacher_step(i: int) -> None:
+        with torch.no_grad():
+            distiller.run_teacher(batches[i % len(batches)], student_outputs[i % len(batches)])
+
+    steps: dict[str, Callable[[int], None]] = {
+        "student": lambda i: train_step(alone, i),
+        "teacher": teacher_step,
+        "distill": lambda i: train_step(distiller, i),
+    }
+    seconds = _time_steps(steps, cfg, device)
+    images = statistics.fmean(len(b) for b in batches)
+    per_image = {k: statistics.median(v) / (cfg.steps * images) for k, v in seconds.items()}
+    info["load_average_end"] = _loadavg()
+    return {
+        "settings": asdict(cfg) | {"task": run.task, "student": run.model.name, "teacher": run.teacher.name,
+                                   "terms": [t.name for t in distiller.terms], "batch": images},
+        "machine": info,
+        "images_per_s": {k: 1.0 / v for k, v in per_image.items()},
+        "ms_per_step": {k: 1000.0 * v * images for k, v in per_image.items()},
+        "repeat_seconds": seconds,
+        "ratios": {"distill_over_parts": per_image["distill"] / (per_image["student"] + per_image["teacher"])},
+    }
+
+
+def format_task_result(result: dict[str, Any]) -> str:
+    """The human-readable table ``distkd bench --config`` prints."""
+    s, m = result["settings"], result["machine"]
+    lines = [
+        f"distkd bench: {s['config']} ({s['task']}): {s['teacher']} -> {s['student']}, terms "
+        f"{', '.join(s['terms'])}, batch {s['batch']:g}; {s['repeats']} repeats x {s['steps']} steps after "
+        f"{s['warmup']} warm-up steps",
+        f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs); device {m['device']} ({m['device_name']}); "
+        f"torch {m['torch']}, {m['threads']} threads; load average {_load(m)}",
+        "",
+        f"{'step':<32}{'images/s':>12}{'ms/step':>10}",
+    ]
+    for key in ("student", "teacher", "distill"):
+        lines.append(f"{LABELS[key]:<32}{result['images_per_s'][key]:>12.1f}{result['ms_per_step'][key]:>10.2f}")
+    ratio = result["ratios"]["distill_over_parts"]
+    lines += ["", f"distill / (student + teacher) = {ratio:.3f}  (1.0: the step costs exactly its parts)"]
+    return "\n".join(lines)
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on: CPU model and count, device, torch version and threads, load."""
     return {
@@ -213,13 +316,20 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def _check(cfg: BenchConfig) -> None:
-    for name in ("batch", "steps", "repeats", "classes"):
+    _check_counts(cfg)
+    for name in ("batch", "classes"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch < 2:
+        raise ConfigError("--batch must be >= 2 (DIST's intra-class term correlates over the batch)")
+
+
+def _check_counts(cfg: BenchConfig | TaskBenchConfig) -> None:
+    for name in ("steps", "repeats"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {cfg.warmup}")
-    if cfg.batch < 2:
-        raise ConfigError("--batch must be >= 2 (DIST's intra-class term correlates over the batch)")
 
 
 def _device(kind: str) -> torch.device:
@@ -272,7 +382,8 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _time_steps(steps: dict[str, Callable[[int], None]], cfg: BenchConfig, device: torch.device) -> dict[str, list]:
+def _time_steps(steps: dict[str, Callable[[int], None]], cfg: BenchConfig | TaskBenchConfig,
+                device: torch.device) -> dict[str, list]:
     """Warm every step up, then time ``repeats`` blocks of ``steps`` calls each, round-robin over the steps."""
     for fn in steps.values():
         for i in range(cfg.warmup):

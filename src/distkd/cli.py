@@ -93,9 +93,13 @@ def _predict(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from distkd.demo import run_demo
 
-    folder = {"segmentation": "runs/demo_seg", "detection": "runs/demo_det"}.get(args.task, "runs/demo")
+    if args.detector and args.task != "detection":
+        raise ConfigError(f"--detector chooses the detection demo's models; it needs --task detection, not {args.task}")
+    task = "detection-retinanet" if args.detector == "retinanet" else args.task
+    folder = {"segmentation": "runs/demo_seg", "detection": "runs/demo_det",
+              "detection-retinanet": "runs/demo_det_retinanet"}.get(task, "runs/demo")
     out = args.out or folder + ("_quick" if args.quick else "")  # a quick run's teacher must not serve the full demo
-    run_demo(Path(out), seeds=args.seeds, quick=args.quick, task=args.task, jobs=args.jobs)
+    run_demo(Path(out), seeds=args.seeds, quick=args.quick, task=task, jobs=args.jobs)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -159,8 +163,28 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from distkd.bench import BenchConfig, format_result, parse_input, run_bench
+    from distkd.bench import (
+        BenchConfig,
+        TaskBenchConfig,
+        format_result,
+        format_task_result,
+        parse_input,
+        run_bench,
+        run_task_bench,
+    )
 
+    if args.config:
+        if args.teacher or args.student:
+            raise ConfigError("bench --config times the config's own models; drop --teacher/--student (or --config)")
+        task_cfg = TaskBenchConfig(args.config, tuple(args.overrides), args.steps, args.warmup, args.repeats)
+        result = run_task_bench(task_cfg)
+        print(json.dumps(result, indent=2) if args.json else format_task_result(result))
+        return
+    if args.overrides:
+        raise ConfigError(f"key=value overrides ({args.overrides[0]}) apply to --config only; give --config CONFIG")
+    if not (args.teacher and args.student):
+        raise ConfigError("bench needs --teacher and --student (model names), or --config CONFIG (a distillation "
+                          "config, timed on its own data)")
     cfg = BenchConfig(
         teacher=args.teacher, student=args.student, input=parse_input(args.input), batch=args.batch,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, classes=args.classes, amp=args.amp,
@@ -220,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teacher -> tiny student on embedded data (silhouette pairs, scenes): alone, KD, "
                        "DIST")
     p.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification")
-    p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg, runs/demo_det; "
-                   "with --quick, the same with _quick)")
+    p.add_argument("--detector", choices=("fasterrcnn", "retinanet"),
+                   help="the detection demo's models (default fasterrcnn: RoI KD/DIST; retinanet: per-level sigmoid)")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/demo_seg, runs/demo_det, "
+                   "runs/demo_det_retinanet; with --quick, the same with _quick)")
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -268,8 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("bench", help="images/s of the student step, teacher forward, distill step, cached distill")
-    p.add_argument("--teacher", required=True, help="teacher model name (see `distkd models`)")
-    p.add_argument("--student", required=True, help="student model name")
+    p.add_argument("--config", help="time this distillation config's own step (any task, e.g. a detection config) "
+                   "on its own data, instead of --teacher/--student on random images")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")
+    p.add_argument("--teacher", help="teacher model name (see `distkd models`)")
+    p.add_argument("--student", help="student model name")
     p.add_argument("--input", default="3x32x32", help="one image's CxHxW (default 3x32x32)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed repeat (default 10)")

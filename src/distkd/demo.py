@@ -4,8 +4,9 @@ Classification (default): on the silhouette pairs (100 classes, :mod:`distkd.dat
 the teacher (``configs/demo/pairs_teacher.yaml``, 300k parameters), then the 3.2k-parameter student three
 ways — alone, with KD and with DIST, the same epochs — for several seeds.
 Segmentation (``--task segmentation``): the same on the silhouette scenes with a 0.84M-parameter DeepLabV3
-teacher and a 114k-parameter student, reporting mIoU. Detection (``--task detection``): RetinaNets on the
-scenes with boxes, per-level sigmoid KD and DIST, reporting COCO box mAP. Writes ``report.md`` with a table (test
+teacher and a 114k-parameter student, reporting mIoU. Detection (``--task detection``): Faster R-CNNs on the
+scenes with boxes, KD and DIST on the class logits of the student's sampled RoIs, reporting COCO box mAP
+(``--detector retinanet``: RetinaNets with per-level sigmoid KD and DIST). Writes ``report.md`` with a table (test
 metric of the best-on-val epoch, mean ± std over seeds, and each seed's paired differences) and ``val_curves.png``.
 Finished runs with the same config are reused, so an interrupted demo continues where it stopped.
 """
@@ -29,13 +30,19 @@ CONFIGS = {
                        "kd": "demo/pairs_kd.yaml", "dist": "demo/pairs_dist.yaml"},
     "segmentation": {"teacher": "demo/seg_teacher.yaml", "alone": "demo/seg_student.yaml",
                      "kd": "demo/seg_kd.yaml", "dist": "demo/seg_dist.yaml"},
-    "detection": {"teacher": "demo/det_teacher.yaml", "alone": "demo/det_student.yaml", "kd": "demo/det_kd.yaml",
-                  "dist": "demo/det_dist.yaml"},
+    "detection": {"teacher": "demo/det_frcnn_teacher.yaml", "alone": "demo/det_frcnn_student.yaml",
+                  "kd": "demo/det_frcnn_kd.yaml", "dist": "demo/det_frcnn_dist.yaml"},
+    "detection-retinanet": {"teacher": "demo/det_teacher.yaml", "alone": "demo/det_student.yaml",
+                            "kd": "demo/det_kd.yaml", "dist": "demo/det_dist.yaml"},
 }
 QUICK = {  # --quick: 4 epochs on half the pairs (a smoke test: its teacher is weak); fewer scenes for segmentation
-    "classification": ["train.epochs=4", "data.kwargs={train: 20, val: 10, test: 20}"],
+    "classification": ["train.epochs=4", "data.kwargs={train: 20, val: 5, test: 10}"],
     "segmentation": ["data.kwargs={train: 800, val: 200, test: 300}"],
     "detection": ["data.kwargs={train: 400, val: 100, test: 200, size: 96}", "train.epochs=5"],
+    "detection-retinanet": ["data.kwargs={train: 400, val: 100, test: 200, size: 96}", "train.epochs=5"],
+}
+QUICK_DISTILLED = {  # --quick, the distilled students only: a smaller teacher-output cache (the demo's has 16 views)
+    "classification": ["teacher_cache.views=4"],
 }
 
 
@@ -49,7 +56,7 @@ class RunResult:
 
 def run_demo(out: Path, seeds: int = 3, quick: bool = False, task: str = "classification",
              jobs: int = 1) -> dict[str, list]:
-    """Run the demo of ``task`` into ``out`` and return the results per method (``"teacher"`` included).
+    """Run the demo of ``task`` (a key of ``CONFIGS``) into ``out``; return the results per method (teacher included).
 
     ``jobs`` > 1 trains that many runs at once, each in its own process: the teacher beside the students that do
     not need it, then the teacher-output cache once, then the distilled students. Every run is seeded and
@@ -67,7 +74,8 @@ def run_demo(out: Path, seeds: int = 3, quick: bool = False, task: str = "classi
         for seed in range(seeds):
             overrides = [*common, f"name={method}_seed{seed}", f"seed={seed}", "train.progress=none"]
             if method != "alone":
-                overrides += [f"teacher.checkpoint={teacher_ckpt}", f"teacher_cache.dir={out / 'teacher_cache'}"]
+                overrides += [f"teacher.checkpoint={teacher_ckpt}", f"teacher_cache.dir={out / 'teacher_cache'}",
+                              *(QUICK_DISTILLED.get(task, []) if quick else [])]
             students[method].append(load_config(resolve_config_path(configs[method]), overrides))
     start = time.perf_counter()
     order = [teacher_cfg, *(cfg for runs in students.values() for cfg in runs)]
