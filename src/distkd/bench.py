@@ -183,11 +183,11 @@ def run_task_bench(cfg: TaskBenchConfig) -> dict[str, Any]:
     """Time a distillation config's own step on its own training batches, next to its parts.
 
     The run is built as ``distkd train`` builds it (task, data, student, teacher from ``teacher.checkpoint``,
-    terms; no teacher-output cache), and three
-    steps are timed round-robin on ``POOL`` training batches: the student's step alone (the task's step without
-    terms: forward with its task losses, backward, optimizer step), the teacher's forward as the task feeds it
-    (for a detector: its backbone and heads on the student's transformed batch, or on the student's RoIs), and
-    the distillation step (student, teacher, terms, backward, optimizer step). Works for every task."""
+    terms, ``train.amp`` and ``train.channels_last``; no teacher-output cache), and three steps are timed
+    round-robin on ``POOL`` training batches: the student's step alone (the task's step without terms: forward
+    with its task losses, backward, optimizer step), the teacher's forward as the task feeds it (for a detector:
+    its backbone and heads on the student's transformed batch, or on the student's RoIs), and the distillation
+    step (student, teacher, terms, backward, optimizer step). Works for every task."""
     from distkd.config import load_config, resolve_config_path
     from distkd.engine.trainer import seed_everything
     from distkd.tasks import get_task
@@ -210,25 +210,32 @@ def run_task_bench(cfg: TaskBenchConfig) -> dict[str, Any]:
     setup = get_task(run.task).build(run, device)
     distiller = setup.distiller.to(device)
     batches = [batch for batch, _ in zip(setup.train, range(POOL), strict=False)]
+    memory_format = torch.channels_last if run.train.channels_last else torch.preserve_format
+    distiller.to(memory_format=memory_format)
     distiller.probe(batches[0], dataset_size=setup.train.dataset_size)
-    distiller.to(device)
+    distiller.to(device, memory_format=memory_format)
     alone = Distiller(distiller.student, None, [], distiller.step)
     alone.train()
     distiller.train()
     params = [*distiller.student.parameters(), *(p for _, ps in distiller.term_parameters() for p in ps)]
     optimizer = build_optimizer([p for p in params if p.requires_grad], run.optim)
 
-    def train_step(model: Distiller, i: int) -> None:
-        loss = sum(model(batches[i % len(batches)], 1).losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    scaler = torch.amp.GradScaler(device.type, enabled=run.train.amp == "fp16")
 
-    with torch.no_grad():  # what the task feeds the teacher (a detector's transformed batch, its RoIs)
+    def train_step(model: Distiller, i: int) -> None:
+        with _autocast(device, run.train.amp):
+            loss = sum(model(batches[i % len(batches)], 1).losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    # what the task feeds the teacher (e.g. a detector's transformed batch and sampled RoIs), computed once
+    with torch.no_grad(), _autocast(device, run.train.amp):
         student_outputs = [distiller.step.student(distiller.student, batch)[0] for batch in batches]
 
     def teacher_step(i: int) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device, run.train.amp):
             distiller.run_teacher(batches[i % len(batches)], student_outputs[i % len(batches)])
 
     steps: dict[str, Callable[[int], None]] = {
