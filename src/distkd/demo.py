@@ -61,8 +61,8 @@ def run_demo(out: Path, seeds: int = 3, quick: bool = False, task: str = "classi
     """Run the demo of ``task`` (a key of ``CONFIGS``) into ``out``; return the results per method (teacher included).
 
     ``jobs`` > 1 trains that many runs at once, each in its own process: the teacher beside the students that do
-    not need it, then the teacher-output cache once, then the distilled students. Every run is seeded and
-    single-threaded, so the results are those of ``jobs=1``."""
+    not need it, then the teacher-output cache once (with ``jobs`` threads, while no run trains), then the distilled
+    students. Every training run is seeded and single-threaded, so the results are those of ``jobs=1`` (tested)."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (runs trained at once); got {jobs}")
     configs = CONFIGS[task]
