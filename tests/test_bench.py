@@ -118,12 +118,16 @@ def test_bench_config_times_a_detection_distillation_step_and_its_parts(tmp_path
     assert len(result["repeat_seconds"]["distill"]) == 2
 
 
-def test_bench_config_times_a_classification_config_too(tmp_path, capsys) -> None:  # noqa: ANN001
-    teacher = _initial_teacher("demo/pairs_dist.yaml", 100, tmp_path / "teacher.pt")
-    assert main(_task_bench("demo/pairs_dist.yaml", "data.kwargs={train: 2, val: 1, test: 1}", "data.batch_size=32",
-                            teacher, json_out=True)) == 0
+@pytest.mark.parametrize(("config", "classes", "overrides", "task"), [
+    ("demo/pairs_dist.yaml", 100, ["data.kwargs={train: 2, val: 1, test: 1}", "data.batch_size=32"], "classification"),
+    ("demo/seg_dist.yaml", 11, ["data.kwargs={train: 8, val: 4, test: 4}", "data.batch_size=4"], "segmentation"),
+])
+def test_bench_config_times_classification_and_segmentation_configs_too(config: str, classes: int, overrides: list,
+                                                                         task: str, tmp_path, capsys) -> None:  # noqa: ANN001
+    teacher = _initial_teacher(config, classes, tmp_path / "teacher.pt")
+    assert main(_task_bench(config, *overrides, teacher, json_out=True)) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["settings"]["task"] == "classification" and result["settings"]["batch"] == 32
+    assert result["settings"]["task"] == task and result["settings"]["batch"] == int(overrides[1].split("=")[1])
     assert all(v > 0 for v in result["images_per_s"].values())
 
 
