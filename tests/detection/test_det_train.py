@@ -108,7 +108,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(scenes_root: Path, t
 
 
 @pytest.mark.parametrize(("config", "override", "message"), [
-    ("demo/det_student.yaml", "teacher_cache.views=2", "no teacher-output cache"),
+    ("demo/det_student.yaml", "teacher_cache.views=2", "teacher_cache.views > 0 needs a teacher"),
     ("demo/det_student.yaml", "train.compile=true", "train.compile is not supported"),
     ("demo/det_frcnn_student.yaml", "loss.mask_padding=true", "Faster R-CNN's terms compare RoIs"),
 ])

@@ -155,9 +155,10 @@ class DetectionLoader:
     def dataset_size(self) -> int:
         return len(self.dataset)
 
-    def _mirrored(self, index: int) -> bool:
+    def mirrored(self, index: int) -> bool:
+        """Whether image ``index`` is mirrored in the current epoch (never without ``flip``)."""
         gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**62)
-        return bool(torch.rand((), generator=gen) < 0.5)
+        return self.flip and bool(torch.rand((), generator=gen) < 0.5)
 
     def __iter__(self) -> Iterator[Batch]:
         order = list(self.sampler)
@@ -172,7 +173,7 @@ class DetectionLoader:
         for items in loader:
             images, targets, index = [], [], []
             for image, target, i in items:
-                if self.flip and self._mirrored(i):
+                if self.mirrored(i):
                     image, target = hflip(image, target)
                 images.append(image.to(self.device, non_blocking=True).float().div_(255.0))
                 targets.append({k: v.to(self.device) for k, v in target.items()})

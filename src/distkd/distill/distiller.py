@@ -318,8 +318,8 @@ def _select(output: Any, taps: FeatureTaps | None, key: str, role: str) -> list[
     """What a term compares, one entry per call: the logits, an entry of a dict output, or a tapped module."""
     if key == LOGITS:
         return [logits_of(output)]
-    if isinstance(output, dict) and key in output:
-        return [output[key]]
+    if isinstance(output, dict) and key in output:  # a list holds one entry per call (a cached per-level output)
+        return list(output[key]) if isinstance(output[key], list) else [output[key]]
     if taps is None or key not in taps.outputs:
         entries = f"has the entries {', '.join(output)}" if isinstance(output, dict) else "is one tensor"
         raise ConfigError(f"the {role}'s output {entries}, not '{key}'; use {role}: logits or a module path")

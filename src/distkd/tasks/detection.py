@@ -21,13 +21,16 @@ authors did not mask them).
 
 Under torchrun each process trains on its share of every batch; the step calls the detector's parts, which
 DDP's forward would not see, so the trainer averages the student's gradients itself (``TrainSetup.ddp`` False).
-Detection has no teacher-output cache (Faster R-CNN's teacher logits depend on the student's RoIs).
+RetinaNet/FCOS terms on ``cls_logits`` can replay a teacher-output cache (``teacher_cache.views``: 2 orientations
+with ``data.flip``, :mod:`distkd.distill.detection_cache`); Faster R-CNN's cannot (its teacher logits depend on the
+student's RoIs).
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,12 +43,15 @@ from distkd.config import DataConfig, RunConfig
 from distkd.data.batch import Batch
 from distkd.data.coco import CocoDetection, DetectionLoader, coco_split
 from distkd.distill import Distiller
+from distkd.distill.detection_cache import TAP as CACHE_TAP
+from distkd.distill.detection_cache import CachedDetectionLoader, DetectionTeacherCache
 from distkd.distill.distiller import LOGITS
 from distkd.engine import distributed
 from distkd.engine.trainer import Loader, TrainSetup
 from distkd.errors import ConfigError
 from distkd.metrics.detection import coco_map
 from distkd.models.detection import label_offset
+from distkd.models.weights import weights_sha256
 from distkd.registry import Registry
 from distkd.tasks.common import (
     build_model,
@@ -259,8 +265,6 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     if cfg.train.compile:
         raise ConfigError("train.compile is not supported for detection (the step calls the detector's parts); "
                           "set train.compile=false")
-    if cfg.teacher_cache.views:
-        raise ConfigError("detection has no teacher-output cache; set teacher_cache.views=0")
     data = load_dataset(cfg.data, cfg.seed)
     train, val, test = build_loaders(cfg, data, device)
     student = build_model(cfg.model, data.num_classes, "model")
@@ -272,7 +276,56 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     if teacher is not None:
         check_pair(student, teacher)
     step = DetectionStep(cfg.loss.ce_weight, cfg.loss.mask_padding).bind(student)
-    return TrainSetup(Distiller(student, teacher, terms, step), train, val, test, evaluate, metric="map", ddp=False)
+    distiller = Distiller(student, teacher, terms, step)
+    if cfg.teacher_cache.views:
+        train = _cached(cfg, distiller, data, device, train)
+    return TrainSetup(distiller, train, val, test, evaluate, metric="map", ddp=False)
+
+
+def _cached(cfg: RunConfig, distiller: Distiller, data: DetectionData, device: torch.device,
+            train: DetectionLoader) -> CachedDetectionLoader:
+    """The training loader replaying the teacher's cached per-level outputs (built here when missing)."""
+    views = cfg.teacher_cache.views
+    if distiller.teacher is None:
+        raise ConfigError("teacher_cache.views > 0 needs a teacher; set teacher_cache.views=0 to train without")
+    if not is_dense(distiller.student):
+        raise ConfigError("Faster R-CNN's teacher logits depend on the student's sampled RoIs, so they cannot be "
+                          "cached; set teacher_cache.views=0")
+    if any(t.student != CACHE_TAP or t.teacher != CACHE_TAP for t in cfg.loss.distill):
+        raise ConfigError(f"the detection teacher cache stores {CACHE_TAP} only; every loss.distill term needs "
+                          f"student: {CACHE_TAP}, teacher: {CACHE_TAP} (or set teacher_cache.views=0)")
+    if views != (2 if cfg.data.flip else 1):
+        raise ConfigError(f"teacher_cache.views for detection counts the cached orientations: 2 with data.flip (as "
+                          f"is and mirrored, every view there is), 1 without; got {views}")
+    if distributed.world_size() > 1:
+        raise ConfigError("the detection teacher cache is built in one process; run without torchrun or set "
+                          "teacher_cache.views=0")
+    distiller.to(device)  # the teacher runs here, before the trainer moves the rest
+    transform = distiller.student.transform
+    record = {"teacher": cfg.teacher.name, "teacher_kwargs": cfg.teacher.kwargs,
+              "teacher_sha256": weights_sha256(cfg.teacher.checkpoint), "data": cfg.data.name,
+              "data_kwargs": cfg.data.kwargs, "data_root": cfg.data.root, "images": len(data.train),
+              "orientations": views, "min_size": list(transform.min_size), "max_size": transform.max_size,
+              "image_mean": list(transform.image_mean), "image_std": list(transform.image_std)}
+
+    def teacher_levels(images: list[Tensor]) -> list[Tensor]:
+        transformed, _ = transform([x.to(device) for x in images])
+        height, width = transformed.tensors.shape[-2:]
+        if any(size != (height, width) for size in transformed.image_sizes):
+            raise ConfigError("the detection teacher cache needs every training image to transform to one size "
+                              f"without padding (got {sorted(set(transformed.image_sizes))} in a {height}x{width} "
+                              "batch): use images of one size and one model.kwargs.min_size, or teacher_cache.views=0")
+        with distiller.teacher_taps.recording() as outputs:
+            distiller.run_teacher(Batch(images, None), {"images": transformed})
+            levels = list(outputs[CACHE_TAP])
+        distiller.teacher_taps.clear()
+        return levels
+
+    directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
+    order = DetectionLoader(data.train, batch_size=process_batches(cfg.data)[1], shuffle=False, drop_last=False,
+                            seed=cfg.seed, device=device)
+    cache = DetectionTeacherCache.open_or_build(directory, record, teacher_levels, order)
+    return CachedDetectionLoader(train, cache)
 
 
 @torch.no_grad()
