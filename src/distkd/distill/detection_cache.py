@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from distkd.data.batch import Batch
 from distkd.data.coco import DetectionLoader
+from distkd.distill.teacher_cache import ReplayLoader, publish
 
 TAP = "cls_logits"  # what the cache stores: the classification head's conv output, one tensor per FPN level
 
@@ -67,10 +67,7 @@ class DetectionTeacherCache:
                     out[(mirrored * count + batch.index.cpu()).numpy()] = flat
         out.flush()
         del out
-        fd = os.open(tmp, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        os.replace(tmp, data)
+        publish(tmp, data)
         stored = {"record": record, "levels": levels}
         meta.write_text(json.dumps(stored))  # written last: a cache without meta.json is never used
         log(f"detection teacher cache: {orientations} orientation(s) x {count} images written to {data}")
@@ -106,26 +103,12 @@ def _stored(meta: Path, data: Path) -> dict[str, Any]:
     return stored if data.is_file() and data.stat().st_size == expected else {}
 
 
-class CachedDetectionLoader:
+class CachedDetectionLoader(ReplayLoader):
     """The training DetectionLoader's batches, each with ``Batch.teacher`` = the cached ``{"cls_logits": [...]}``
     of its images in the orientation the loader drew for them."""
 
     def __init__(self, loader: DetectionLoader, cache: DetectionTeacherCache) -> None:
         self.loader, self.cache = loader, cache
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.loader.set_epoch(epoch, start)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def num_samples(self) -> int:
-        return self.loader.num_samples
-
-    @property
-    def dataset_size(self) -> int:
-        return self.loader.dataset_size
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from distkd.data.batch import Batch
 from distkd.data.loaders import derive_seed
 from distkd.data.views import SeededViews
+from distkd.distill.teacher_cache import ReplayLoader
 from distkd.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # imported lazily: image folders need timm
@@ -157,7 +158,7 @@ class FileTeacherCache:
         return self._open[shard]
 
 
-class CachedFileLoader:
+class CachedFileLoader(ReplayLoader):
     """A :class:`~distkd.data.imagefolder.FileLoader`'s batches with one cached view per sample: ``Batch.teacher``
     holds the teacher's float32 logits (B, classes) of exactly the view in ``Batch.inputs``.
 
@@ -168,20 +169,6 @@ class CachedFileLoader:
 
     def __init__(self, loader: FileLoader, cache: FileTeacherCache, views: SeededViews) -> None:
         self.loader, self.cache, self.views = loader, cache, views
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.loader.set_epoch(epoch, start)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def num_samples(self) -> int:
-        return self.loader.num_samples
-
-    @property
-    def dataset_size(self) -> int:
-        return self.loader.dataset_size
 
     def __iter__(self) -> Iterator[Batch]:
         loader = self.loader

@@ -88,10 +88,7 @@ class TeacherCache:
                 out[flat.numpy()] = logits
         out.flush()
         del out
-        fd = os.open(tmp, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        os.replace(tmp, data)
+        publish(tmp, data)
         stored = record | {"shape": [views, count, int(logits.shape[1])]}
         meta.write_text(json.dumps(stored))  # written last: a cache without meta.json is never used
         log(f"teacher cache: {views} views x {count} samples written to {data}")
@@ -119,19 +116,18 @@ def _read_record(meta: Path, data: Path) -> tuple[dict[str, Any], str]:
     return stored, ""
 
 
-class CachedViewLoader:
-    """Wraps the training TensorLoader: yields batches of one cached view per sample, ``Batch.teacher`` holding
-    the teacher's float32 logits (B, K) for them.
+def publish(tmp: Path, path: Path) -> None:
+    """Make the fully written file ``tmp`` durable (fsync) and give it its name ``path`` in one rename."""
+    fd = os.open(tmp, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    os.replace(tmp, path)
 
-    The sample order and sharding are the wrapped loader's; the view of each sample is drawn from a
-    generator seeded by ``(seed, epoch, rank)``, so resumed runs replay the same batches.
-    """
 
-    def __init__(self, loader: TensorLoader, cache: TeacherCache) -> None:
-        self.loader, self.cache = loader, cache
-        self.views, self.count, _ = cache.record["shape"]
-        self.params = view_params(loader.augment, self.views, self.count, *loader.images.shape[-2:],
-                                  cache.record["seed"]).to(loader.device)
+class ReplayLoader:
+    """A cache's training loader around ``self.loader``: the wrapped loader's epochs, order, length and sizes."""
+
+    loader: Any
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.loader.set_epoch(epoch, start)
@@ -146,6 +142,21 @@ class CachedViewLoader:
     @property
     def dataset_size(self) -> int:
         return self.loader.dataset_size
+
+
+class CachedViewLoader(ReplayLoader):
+    """Wraps the training TensorLoader: yields batches of one cached view per sample, ``Batch.teacher`` holding
+    the teacher's float32 logits (B, K) for them.
+
+    The sample order and sharding are the wrapped loader's; the view of each sample is drawn from a
+    generator seeded by ``(seed, epoch, rank)``, so resumed runs replay the same batches.
+    """
+
+    def __init__(self, loader: TensorLoader, cache: TeacherCache) -> None:
+        self.loader, self.cache = loader, cache
+        self.views, self.count, _ = cache.record["shape"]
+        self.params = view_params(loader.augment, self.views, self.count, *loader.images.shape[-2:],
+                                  cache.record["seed"]).to(loader.device)
 
     def __iter__(self) -> Iterator[Batch]:
         loader = self.loader
