@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -108,6 +109,9 @@ def test_bench_config_times_a_detection_distillation_step_and_its_parts(tmp_path
         images_per_s = float(next(ln for ln in out.splitlines() if ln.startswith(label))[len(label):].split()[0])
         assert images_per_s > 0
     assert "distill / (student + teacher) =" in out and "cached" not in out
+    assert main(_task_bench("demo/det_frcnn_dist.yaml", *small, frcnn, "teacher_cache.views=2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "depend on the student's sampled RoIs, so they cannot be cached" in err
     retinanet = _initial_teacher("demo/det_dist.yaml", 10, tmp_path / "retinanet.pt")
     assert main(_task_bench("demo/det_dist.yaml", *small, retinanet, json_out=True)) == 0  # per-level terms
     result = json.loads(capsys.readouterr().out)
@@ -116,6 +120,61 @@ def test_bench_config_times_a_detection_distillation_step_and_its_parts(tmp_path
     expected = (1 / ips["distill"]) / (1 / ips["student"] + 1 / ips["teacher"])
     assert result["ratios"]["distill_over_parts"] == pytest.approx(expected)
     assert len(result["repeat_seconds"]["distill"]) == 2
+
+
+def test_bench_config_times_the_cached_detection_step_from_a_temporary_cache(tmp_path, capsys,  # noqa: ANN001
+                                                                              monkeypatch) -> None:  # noqa: ANN001
+    scenes = f"data.kwargs={{train: 12, val: 4, test: 4, size: 64, folder: {tmp_path}}}"
+    small = [scenes, "data.batch_size=4", "model.kwargs.min_size=64", "model.kwargs.max_size=64"]
+    retinanet = _initial_teacher("demo/det_dist.yaml", 10, tmp_path / "retinanet.pt")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temporary))
+    assert main(_task_bench("demo/det_dist.yaml", *small, retinanet, "teacher_cache.views=2")) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("distill step (cached logits)"))
+    assert float(line.split(")")[1].split()[0]) > 0
+    assert "cached distill / student      =" in out and "live / cached distill" in out
+    assert "teacher cache (2 views): the setup took" in out
+    assert list(temporary.iterdir()) == []  # the temporary cache is removed
+
+    kept = tmp_path / "kept_cache"  # teacher_cache.dir: built there once, then opened
+    overrides = [*small, retinanet, "teacher_cache.views=2", f"teacher_cache.dir={kept}"]
+    assert main(_task_bench("demo/det_dist.yaml", *overrides, json_out=True)) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["teacher_cache"]["views"] == 2 and first["teacher_cache"]["setup_seconds"] > 0
+    assert set(first["ratios"]) == {"distill_over_parts", "cached_over_student", "distill_over_cached"}
+    ips = first["images_per_s"]
+    assert first["ratios"]["cached_over_student"] == pytest.approx(ips["student"] / ips["cached"])
+    built = (kept / "cls_logits.f16").stat().st_mtime_ns
+    assert main(_task_bench("demo/det_dist.yaml", *overrides)) == 0
+    assert "written to" not in capsys.readouterr().out and (kept / "cls_logits.f16").stat().st_mtime_ns == built
+
+
+def test_bench_cached_batches_carry_the_teachers_outputs(tmp_path) -> None:  # noqa: ANN001
+    from distkd.bench import _cached_batches
+    from distkd.config import load_config, resolve_config_path
+    from distkd.tasks import get_task
+    from distkd.tasks.common import resolve_teacher
+
+    scenes = f"data.kwargs={{train: 8, val: 4, test: 4, size: 64, folder: {tmp_path}}}"
+    run = resolve_teacher(load_config(resolve_config_path("demo/det_dist.yaml"), [
+        scenes, "data.batch_size=4", "model.kwargs.min_size=64", "model.kwargs.max_size=64", "data.flip=false",
+        "teacher_cache.views=1", _initial_teacher("demo/det_dist.yaml", 10, tmp_path / "retinanet.pt")]))
+    batches, seconds = _cached_batches(run, torch.device("cpu"), 2)
+    assert len(batches) == 2 and seconds > 0
+    live_run = dataclasses.replace(run, teacher_cache=dataclasses.replace(run.teacher_cache, views=0))
+    live = get_task("detection").build(live_run, torch.device("cpu")).distiller
+    for batch in batches:
+        cached = batch.teacher["cls_logits"]
+        transformed, _ = live.student.transform(list(batch.inputs))
+        with torch.no_grad(), live.teacher_taps.recording() as taps:
+            live.run_teacher(batch, {"images": transformed})
+            expected = list(taps["cls_logits"])
+        live.teacher_taps.clear()
+        assert len(cached) == len(expected) == len(live.student.anchor_generator.sizes)  # one per level
+        for c, e in zip(cached, expected, strict=True):
+            torch.testing.assert_close(c, e, atol=2e-3, rtol=2e-3)  # float16 storage
 
 
 @pytest.mark.parametrize(("config", "classes", "overrides", "task"), [
@@ -129,6 +188,8 @@ def test_bench_config_times_classification_and_segmentation_configs_too(config: 
     result = json.loads(capsys.readouterr().out)
     assert result["settings"]["task"] == task and result["settings"]["batch"] == int(overrides[1].split("=")[1])
     assert all(v > 0 for v in result["images_per_s"].values())
+    # demo/pairs_dist.yaml trains from a 16-view teacher cache, so its cached step is timed too
+    assert ("cached" in result["images_per_s"]) == (result["teacher_cache"] is not None) == (task == "classification")
 
 
 @pytest.mark.parametrize(("argv", "message"), [

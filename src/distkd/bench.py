@@ -22,9 +22,11 @@ import contextlib
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distkd.config import OptimConfig
+from distkd.config import OptimConfig, RunConfig
 from distkd.data.batch import Batch
 from distkd.distill import Distiller, SingleInputStep, Term
 from distkd.engine.optim import build_optimizer
@@ -187,14 +189,19 @@ def run_task_bench(cfg: TaskBenchConfig) -> dict[str, Any]:
     round-robin on ``POOL`` training batches: the student's step alone (the task's step without terms: forward
     with its task losses, backward, optimizer step), the teacher's forward as the task feeds it (for a detector:
     its backbone and heads on the student's transformed batch, or on the student's RoIs), and the distillation
-    step (student, teacher, terms, backward, optimizer step). Works for every task."""
+    step (student, teacher, terms, backward, optimizer step). Works for every task.
+
+    When the run has a teacher-output cache (``teacher_cache.views`` > 0, in the config or an override), a fourth
+    step, ``cached``, is the distillation step on the cached loader's batches (the teacher's outputs replayed, the
+    teacher not run), and the time the run's setup took to build the cache (or open it) is reported. The cache is
+    built where ``teacher_cache.dir`` says, else in a temporary folder removed afterwards."""
     from distkd.config import load_config, resolve_config_path
     from distkd.engine.trainer import seed_everything
     from distkd.tasks import get_task
     from distkd.tasks.common import resolve_teacher
 
     _check_counts(cfg)
-    run = load_config(resolve_config_path(cfg.config), [*cfg.overrides, "teacher_cache.views=0"])
+    run = load_config(resolve_config_path(cfg.config), list(cfg.overrides))
     if not run.loss.distill:
         raise ConfigError(f"{cfg.config} has no distillation terms (loss.distill); bench --config times a "
                           "distillation step against its parts: give a config with a teacher and terms")
@@ -207,7 +214,8 @@ def run_task_bench(cfg: TaskBenchConfig) -> dict[str, Any]:
     device = _device("cuda" if run.train.device.startswith("cuda") else "cpu")
     info = machine(device)
     seed_everything(run.seed)
-    setup = get_task(run.task).build(run, device)
+    with contextlib.redirect_stdout(sys.stderr):  # what the build says (data, cache) goes to stderr, not the table
+        setup = get_task(run.task).build(replace(run, teacher_cache=replace(run.teacher_cache, views=0)), device)
     distiller = setup.distiller.to(device)
     batches = [batch for batch, _ in zip(setup.train, range(POOL), strict=False)]
     memory_format = torch.channels_last if run.train.channels_last else torch.preserve_format
@@ -222,9 +230,9 @@ def run_task_bench(cfg: TaskBenchConfig) -> dict[str, Any]:
 
     scaler = torch.amp.GradScaler(device.type, enabled=run.train.amp == "fp16")
 
-    def train_step(model: Distiller, i: int) -> None:
+    def train_step(model: Distiller, i: int, pool: list[Batch] = batches) -> None:
         with _autocast(device, run.train.amp):
-            loss = sum(model(batches[i % len(batches)], 1).losses.values())
+            loss = sum(model(pool[i % len(pool)], 1).losses.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -243,10 +251,19 @@ def run_task_bench(cfg: TaskBenchConfig) -> dict[str, Any]:
         "teacher": teacher_step,
         "distill": lambda i: train_step(distiller, i),
     }
+    cache: dict[str, Any] = {}
+    if run.teacher_cache.views:
+        cached_batches, cache["setup_seconds"] = _cached_batches(run, device, len(batches))
+        cache["views"] = run.teacher_cache.views
+        steps["cached"] = lambda i: train_step(distiller, i, cached_batches)
     seconds = _time_steps(steps, cfg, device)
     images = statistics.fmean(len(b) for b in batches)
     per_image = {k: statistics.median(v) / (cfg.steps * images) for k, v in seconds.items()}
     info["load_average_end"] = _loadavg()
+    ratios = {"distill_over_parts": per_image["distill"] / (per_image["student"] + per_image["teacher"])}
+    if cache:
+        ratios |= {"cached_over_student": per_image["cached"] / per_image["student"],
+                   "distill_over_cached": per_image["distill"] / per_image["cached"]}
     return {
         "settings": asdict(cfg) | {"task": run.task, "student": run.model.name, "teacher": run.teacher.name,
                                    "terms": [t.name for t in distiller.terms], "batch": images},
@@ -254,8 +271,26 @@ def run_task_bench(cfg: TaskBenchConfig) -> dict[str, Any]:
         "images_per_s": {k: 1.0 / v for k, v in per_image.items()},
         "ms_per_step": {k: 1000.0 * v * images for k, v in per_image.items()},
         "repeat_seconds": seconds,
-        "ratios": {"distill_over_parts": per_image["distill"] / (per_image["student"] + per_image["teacher"])},
+        "ratios": ratios,
+        "teacher_cache": cache or None,
     }
+
+
+def _cached_batches(run: RunConfig, device: torch.device, count: int) -> tuple[list[Batch], float]:
+    """The first ``count`` batches of ``run``'s cached training loader (``Batch.teacher`` set) and the seconds the
+    run's setup took with the cache (building it, or opening it when ``teacher_cache.dir`` already holds it)."""
+    from distkd.engine.trainer import seed_everything
+    from distkd.tasks import get_task
+
+    with tempfile.TemporaryDirectory(prefix="distkd-bench-cache-") as folder:
+        cached = replace(run, teacher_cache=replace(run.teacher_cache, dir=run.teacher_cache.dir or folder))
+        seed_everything(run.seed)
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            setup = get_task(run.task).build(cached, device)
+        seconds = time.perf_counter() - start
+        batches = [batch for batch, _ in zip(setup.train, range(count), strict=False)]
+    return batches, seconds
 
 
 def format_task_result(result: dict[str, Any]) -> str:
@@ -270,10 +305,17 @@ def format_task_result(result: dict[str, Any]) -> str:
         "",
         f"{'step':<32}{'images/s':>12}{'ms/step':>10}",
     ]
-    for key in ("student", "teacher", "distill"):
+    for key in result["images_per_s"]:
         lines.append(f"{LABELS[key]:<32}{result['images_per_s'][key]:>12.1f}{result['ms_per_step'][key]:>10.2f}")
-    ratio = result["ratios"]["distill_over_parts"]
-    lines += ["", f"distill / (student + teacher) = {ratio:.3f}  (1.0: the step costs exactly its parts)"]
+    r, cache = result["ratios"], result["teacher_cache"]
+    lines += ["", f"distill / (student + teacher) = {r['distill_over_parts']:.3f}  (1.0: the step costs exactly its "
+                  "parts)"]
+    if cache:
+        lines += [f"cached distill / student      = {r['cached_over_student']:.3f}  (1.0: as fast as the student "
+                  "alone)",
+                  f"live / cached distill         = {r['distill_over_cached']:.3f}",
+                  f"teacher cache ({cache['views']} views): the setup took {cache['setup_seconds']:.1f} s with it "
+                  "(building or opening it, once per teacher)"]
     return "\n".join(lines)
 
 

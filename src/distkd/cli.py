@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images/s of the student step, teacher forward, distill step, cached distill")
     p.add_argument("--config", help="time this distillation config's own step (any task, e.g. a detection config) "
-                   "on its own data, instead of --teacher/--student on random images")
+                   "on its own data, instead of --teacher/--student on random images; with teacher_cache.views > 0 "
+                   "also its cached step")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for --config")
     p.add_argument("--teacher", help="teacher model name (see `distkd models`)")
     p.add_argument("--student", help="student model name")
