@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,50 @@ def test_bad_annotation_files_are_one_line_data_errors(tmp_path: Path) -> None:
     (root / "annotations" / "instances_imgs.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid json"):
         coco_split(root, "imgs")
+
+
+def _first(kind: str, change: dict) -> Callable[[dict], None]:
+    return lambda gt: gt[kind][0].update(change)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda gt: gt["annotations"][0].pop("image_id"), "annotations[0] lacks image_id"),
+    (lambda gt: gt["annotations"][0].pop("bbox"), "annotations[0] lacks bbox"),
+    (lambda gt: gt["images"][0].pop("file_name"), "images[0] lacks file_name"),
+    (lambda gt: gt["categories"][0].pop("name"), "categories[0] lacks name"),
+    (lambda gt: gt["annotations"].append(5), "annotations[7] is not an object"),
+    (_first("annotations", {"bbox": [1, 2, 3]}), "has bbox [1, 2, 3]; expected [x, y, width, height]"),
+    (_first("annotations", {"bbox": ["a", 2, 3, 4]}), "has bbox ['a', 2, 3, 4]"),
+    (_first("annotations", {"bbox": [float("nan"), 2, 3, 4]}), "4 finite numbers"),
+    (_first("images", {"id": "10"}), "images[0].id is '10'; COCO ids are integers"),
+    (_first("annotations", {"category_id": 3.0}), "annotations[0].category_id is 3.0"),
+    (_first("images", {"width": "60"}), "image 10 has width '60'; expected a positive number"),
+    (lambda gt: gt["images"].append(dict(gt["images"][0])), "images id 10 is listed more than once"),
+    (lambda gt: gt["categories"].append({"id": 3, "name": "d"}), "categories id 3 is listed more than once"),
+])
+def test_malformed_entries_are_one_line_data_errors_naming_the_entry(tmp_path: Path, mutate, message: str) -> None:  # noqa: ANN001
+    root = _write(tmp_path)
+    path = root / "annotations" / "instances_imgs.json"
+    gt = json.loads(path.read_text())
+    mutate(gt)
+    path.write_text(json.dumps(gt))
+    with pytest.raises(DataError) as caught:
+        coco_split(root, "imgs")
+    assert message in str(caught.value) and "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_annotations_without_area_or_iscrowd_are_completed_from_their_boxes(tmp_path: Path) -> None:
+    data = coco_split(_write(tmp_path, [
+        {"id": 1, "image_id": 10, "category_id": 7, "bbox": [5, 6, 20, 10]},
+        {"id": 2, "image_id": 11, "category_id": 11, "bbox": [8, 9, 20, 30]},
+        {"id": 3, "image_id": 13, "category_id": 3, "bbox": [1, 2, 30, 40], "area": 5000},  # as given
+    ]), "imgs")
+    assert [(a["area"], a["iscrowd"]) for a in data.gt["annotations"]] == [(200.0, 0), (600.0, 0), (5000, 0)]
+    loader = DetectionLoader(data, batch_size=3, shuffle=False, drop_last=False, seed=0)
+    result = evaluate(Oracle(data, 0), loader)
+    # COCO's size ranges read the areas: two small objects (< 32^2) and one medium (the given 5,000)
+    assert result["map"] == result["map_small"] == result["map_medium"] == pytest.approx(100.0)
+    assert "map_large" not in result
 
 
 def test_loader_flips_boxes_with_their_image_reproducibly_and_resumes_mid_epoch(tmp_path: Path) -> None:

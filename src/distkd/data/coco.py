@@ -5,7 +5,9 @@ boxes, e.g. ``train2017``/``val2017``. Categories map to contiguous classes 0..K
 (a detector with a background logit shifts them by its ``label_offset``). Crowd boxes are left out of
 training (COCO evaluation reads them from the json). Boxes are clipped to their image; a box left with no
 area is dropped and counted (``dropped_boxes``), so torchvision never meets a degenerate box. Images without
-boxes are kept (all background).
+boxes are kept (all background). Every entry of the json is checked on reading (required keys, integer and unique
+ids, finite boxes): a malformed one is a one-line DataError naming it; an annotation without ``area`` or ``iscrowd``
+gets its box's area and 0, as COCO evaluation needs them.
 """
 
 from __future__ import annotations
@@ -28,17 +30,60 @@ from distkd.errors import ConfigError, DataError, first_line
 Target = dict[str, Tensor]
 
 
+REQUIRED = {"images": ("id", "file_name"), "annotations": ("image_id", "category_id", "bbox"),
+            "categories": ("id", "name")}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """The instances file at ``path``, checked entry by entry (see :func:`_checked`)."""
     if not path.is_file():
         raise DataError(f"COCO annotations {path} not found; expected ROOT/annotations/instances_<split>.json")
     try:
         gt = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"COCO annotations {path} are not valid json: {first_line(exc)}") from None
-    missing = [key for key in ("images", "annotations", "categories") if not isinstance(gt.get(key), list)]
+    missing = [key for key in REQUIRED if not isinstance(gt, dict) or not isinstance(gt.get(key), list)]
     if missing:
         raise DataError(f"COCO annotations {path} lack the list(s) {', '.join(missing)}; is it an instances file?")
-    return gt
+    return _checked(gt, path)
+
+
+def _checked(gt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``gt`` with every entry checked (an object with its required keys; integer ids, each image and category id
+    listed once; a bbox of 4 finite numbers) and annotations completed as COCO evaluation reads them: ``iscrowd`` 0
+    and ``area`` the box's width x height where absent. Anything else is a one-line DataError naming the entry."""
+    for kind, keys in REQUIRED.items():
+        for position, entry in enumerate(gt[kind]):
+            absent = [key for key in keys if key not in entry] if isinstance(entry, dict) else list(keys)
+            if absent:
+                raise DataError(f"COCO annotations {path}: {kind}[{position}] "
+                                f"{'lacks ' + ', '.join(absent) if isinstance(entry, dict) else 'is not an object'}")
+    checked = {key: value for key, value in gt.items() if key not in REQUIRED}
+    checked["images"] = [im | {"id": _integer(im["id"], f"images[{i}].id", path)} for i, im in enumerate(gt["images"])]
+    checked["categories"] = [c | {"id": _integer(c["id"], f"categories[{i}].id", path)}
+                             for i, c in enumerate(gt["categories"])]
+    for kind in ("images", "categories"):
+        ids = [entry["id"] for entry in checked[kind]]
+        if len(set(ids)) != len(ids):
+            twice = next(i for i in ids if ids.count(i) > 1)
+            raise DataError(f"COCO annotations {path}: {kind} id {twice} is listed more than once; ids must be unique")
+    checked["annotations"] = []
+    for i, ann in enumerate(gt["annotations"]):
+        bbox = ann["bbox"]
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)):
+            raise DataError(f"COCO annotations {path}: annotations[{i}] (id {ann.get('id')}) has bbox {bbox!r}; "
+                            "expected [x, y, width, height], 4 finite numbers")
+        checked["annotations"].append({"iscrowd": 0, "area": float(bbox[2] * bbox[3])} | ann | {
+            "image_id": _integer(ann["image_id"], f"annotations[{i}].image_id", path),
+            "category_id": _integer(ann["category_id"], f"annotations[{i}].category_id", path)})
+    return checked
+
+
+def _integer(value: Any, where: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"COCO annotations {path}: {where} is {value!r}; COCO ids are integers")
+    return value
 
 
 class CocoDetection(Dataset):
@@ -51,24 +96,24 @@ class CocoDetection(Dataset):
         if not self.images.is_dir():
             raise DataError(f"COCO image folder {self.images} not found")
         self.gt = _read_json(path)
-        self.category_ids = sorted(int(c["id"]) for c in self.gt["categories"])
+        self.category_ids = sorted(c["id"] for c in self.gt["categories"])
         if not self.category_ids:
             raise DataError(f"COCO annotations {path} list no categories")
-        self.class_names = [c["name"] for c in sorted(self.gt["categories"], key=lambda c: int(c["id"]))]
+        self.class_names = [str(c["name"]) for c in sorted(self.gt["categories"], key=lambda c: c["id"])]
         class_of = {cid: k for k, cid in enumerate(self.category_ids)}
-        infos = sorted(self.gt["images"], key=lambda im: int(im["id"]))
-        self.image_ids = [int(im["id"]) for im in infos]
+        infos = sorted(self.gt["images"], key=lambda im: im["id"])
+        self.image_ids = [im["id"] for im in infos]
         self.files = [str(im["file_name"]) for im in infos]
-        sizes = {int(im["id"]): (float(im.get("width", math.inf)), float(im.get("height", math.inf))) for im in infos}
+        sizes = {im["id"]: (_size(im, "width", path), _size(im, "height", path)) for im in infos}
         boxes: dict[int, list[list[float]]] = {i: [] for i in self.image_ids}
         labels: dict[int, list[int]] = {i: [] for i in self.image_ids}
         self.dropped_boxes = 0
         for ann in self.gt["annotations"]:
-            image_id, category = int(ann["image_id"]), int(ann["category_id"])
+            image_id, category = ann["image_id"], ann["category_id"]
             if image_id not in boxes or category not in class_of:
                 raise DataError(f"COCO annotations {path}: annotation {ann.get('id')} names an unknown "
                                 f"{'image' if image_id not in boxes else 'category'}")
-            if ann.get("iscrowd", 0):
+            if ann["iscrowd"]:
                 continue
             x, y, w, h = (float(v) for v in ann["bbox"])
             width, height = sizes[image_id]
@@ -96,6 +141,15 @@ class CocoDetection(Dataset):
         except OSError as exc:
             raise DataError(f"cannot read image {path}: {first_line(exc)}") from None
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1), self.targets[i], i
+
+
+def _size(image: dict[str, Any], key: str, path: Path) -> float:
+    """An image's ``width`` or ``height`` from the json (boxes are clipped to it); unbounded when absent."""
+    value = image.get(key, math.inf)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise DataError(f"COCO annotations {path}: image {image['id']} has {key} {value!r}; expected a positive "
+                        "number (or leave it out)")
+    return float(value)
 
 
 def coco_split(root: str | Path, split: str) -> CocoDetection:
