@@ -118,3 +118,15 @@ def test_a_checkpoint_older_than_the_record_gets_it_from_its_dataset(teacher_run
     student = load_student(tmp_path / "old.pt")
     assert "predates the record of class names and preprocessing" in capsys.readouterr().err
     assert student.classes == meta["classes"] and student.preprocess.to_dict() == meta["preprocess"]
+
+
+def test_a_segmentation_checkpoint_is_a_one_line_error_naming_its_task(tmp_path) -> None:
+    from distkd.config import load_config, resolve_config_path, to_dict
+
+    config = to_dict(load_config(resolve_config_path("demo/seg_student.yaml")))
+    torch.save({"model": {}, "epoch": 1, "config": config}, tmp_path / "seg.pt")
+    with pytest.raises(CheckpointError) as caught:
+        load_student(tmp_path / "seg.pt")
+    message = str(caught.value)
+    assert "is a segmentation run; export and predict take classification and detection students" in message
+    assert "\n" not in message

@@ -87,6 +87,9 @@ def test_bad_predict_inputs_are_one_line_errors(teacher_run, images, tmp_path, c
         predict(run_dir, [images / "notes.txt"])
     with pytest.raises(ConfigError, match="--top-k must be >= 1"):
         predict(run_dir, [images], top_k=0)
+    with pytest.raises(ConfigError, match="--min-score chooses a detector's boxes; a classifier's classes are "
+                                          "counted by --top-k"):
+        predict(run_dir, [images], min_score=0.5)
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(run_dir), str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err

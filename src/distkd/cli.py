@@ -78,15 +78,17 @@ def _export(args: argparse.Namespace) -> None:
 
     info = export(args.source, args.format, args.out, last=args.last, ema=args.ema)
     check = info["check"]
+    compared = (f"{check['detections_compared']} detections, max |box and score difference|"
+                if "detections_compared" in check else "max |logit difference|")
     print(f"exported {info['source']['weights']} weights of {info['source']['checkpoint']} as {args.format}: "
-          f"{info['path']} (+ {info['sidecar']}); checked on {check['inputs']}: max |logit difference| "
+          f"{info['path']} (+ {info['sidecar']}); checked on {check['inputs']}: {compared} "
           f"{check['max_abs_difference']:.3g} (allowed {check['tolerance']:.3g})")
 
 
 def _predict(args: argparse.Namespace) -> None:
     from distkd.predict import format_table, predict
 
-    results = predict(args.source, args.images, top_k=args.top_k)
+    results = predict(args.source, args.images, top_k=args.top_k, min_score=args.min_score)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
 
 
@@ -225,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="segmentation: also average over mirrored inputs")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="write a run's student alone (state_dict, safetensors, torchscript, onnx) with "
-                       "its class names and preprocessing in a JSON beside it")
+    p = sub.add_parser("export", help="write a run's student alone (state_dict, safetensors, torchscript, onnx; "
+                       "detectors: not torchscript) with its class names and preprocessing in a JSON beside it")
     p.add_argument("source", help="a run folder (its checkpoints/best.pt) or a distkd checkpoint")
     p.add_argument("--format", required=True, choices=("state_dict", "safetensors", "torchscript", "onnx"))
     p.add_argument("--out", help="output file (default <run>/export/student.<ext>)")
@@ -234,10 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (runs with train.ema_decay)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("predict", help="top-k classes of image files, from a run, a checkpoint or an exported file")
+    p = sub.add_parser("predict", help="top-k classes (or a detector's boxes) of image files, from a run, a "
+                       "checkpoint or an exported file")
     p.add_argument("source", help="an exported file (with its .json beside it), a run folder or a distkd checkpoint")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--top-k", type=int, default=None, help="classifiers: classes shown per image (default 5)")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="detectors: the boxes scoring at least this are shown (default 0.5)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.set_defaults(func=_predict)
 

@@ -1,4 +1,4 @@
-"""``distkd export``: the student of a run, alone, ready to run elsewhere.
+"""``distkd export``: the student of a run, alone, ready to run elsewhere (detectors: :mod:`distkd.export_detection`).
 
 The student (no teacher, no adapters or other distillation-term state) is rebuilt from a checkpoint in eval mode
 and written as a ``state_dict`` (``torch.save``), ``safetensors``, ``torchscript`` (traced) or ``onnx``
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from distkd.data.preprocess import Preprocess
 from distkd.engine.checkpoint import load_state
 from distkd.errors import CheckpointError, ConfigError, ExportError, first_line
+from distkd.export_detection import Detector, check_format, detector_from_state, export_detector
 
 FORMATS: dict[str, str] = {"state_dict": ".pt", "safetensors": ".safetensors", "torchscript": ".torchscript.pt",
                            "onnx": ".onnx"}
@@ -78,9 +79,10 @@ def find_checkpoint(source: str | Path, last: bool = False) -> Path:
     return path
 
 
-def load_student(source: str | Path, *, last: bool = False, ema: bool = False) -> Student:
+def load_student(source: str | Path, *, last: bool = False, ema: bool = False) -> Student | Detector:
     """The student of run folder or checkpoint ``source`` in eval mode, on the CPU: best-on-val weights by
-    default, ``last``: the run's last checkpoint, ``ema``: that checkpoint's EMA weights."""
+    default, ``last``: the run's last checkpoint, ``ema``: that checkpoint's EMA weights. A detection run's is a
+    :class:`~distkd.export_detection.Detector`."""
     from distkd.models import create_model
     from distkd.models.weights import load_weights
 
@@ -96,11 +98,13 @@ def load_student(source: str | Path, *, last: bool = False, ema: bool = False) -
         if state.get("ema") is None:
             raise ConfigError(f"--ema: {path} holds no EMA weights (the run had train.ema_decay unset); drop --ema")
         weights = state["ema"]
+    label = ("last" if path.name == "last.pt" else "best") + ("_ema" if ema else "")
+    if meta.get("task") == "detection":
+        return detector_from_state(path, state, meta, weights, label)
     kwargs = {k: v for k, v in config["model"]["kwargs"].items() if k != "pretrained"}  # weights come from the file
     classes = [str(c) for c in meta["classes"]]
     model = create_model(config["model"]["name"], num_classes=len(classes), **kwargs)
     load_weights(model, weights, origin=f"checkpoint '{path}'")
-    label = ("last" if path.name == "last.pt" else "best") + ("_ema" if ema else "")
     return Student(model.eval(), config["model"]["name"], kwargs, classes, Preprocess.from_dict(meta["preprocess"]),
                    path, label, int(state["epoch"]), int(state.get("step", 0)))
 
@@ -117,14 +121,14 @@ def _meta_from_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: its saved config is not valid for this distkd version ({exc})") from None
     task = get_task(cfg.task)
     if not hasattr(task, "metadata"):
-        raise CheckpointError(f"{path} does not record class names and preprocessing, and task '{cfg.task}' cannot "
-                              "derive them; export is for classification runs")
+        raise CheckpointError(f"{path} is a {cfg.task} run; export and predict take classification and detection "
+                              f"students (the {cfg.task} student's weights are the checkpoint's 'model' entry)")
     print(f"{path} predates the record of class names and preprocessing: reading them from its dataset "
           f"'{cfg.data.name}'", file=sys.stderr, flush=True)
     return task.metadata(task.load_dataset(cfg.data, cfg.seed))
 
 
-def default_output(student: Student, fmt: str) -> Path:
+def default_output(student: Student | Detector, fmt: str) -> Path:
     """``<run folder>/export/student[_last][_ema]<extension>``."""
     folder = student.checkpoint.parent
     run = folder.parent if folder.name == "checkpoints" else folder
@@ -146,12 +150,25 @@ def export(source: str | Path, fmt: str, out: str | Path | None = None, *, last:
     if fmt == "onnx":
         require_onnx()
     student = load_student(source, last=last, ema=ema)
+    if isinstance(student, Detector):
+        check_format(fmt)
     path = Path(out) if out is not None else default_output(student, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"format": fmt, **student.describe()}
+    check = export_detector(student, fmt, path) if isinstance(student, Detector) else _export_classifier(
+        student, fmt, path, info)
+    from distkd import __version__
+
+    info = {"distkd_version": __version__, "file": path.name, **info, "check": check}
+    sidecar_path(path).write_text(json.dumps(info, indent=2) + "\n")
+    return info | {"path": str(path), "sidecar": str(sidecar_path(path))}
+
+
+def _export_classifier(student: Student, fmt: str, path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Write ``student`` as ``fmt`` to ``path``, read it back and compare its logits; return the check record."""
     x = torch.randn(CHECK_BATCH, *student.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = _logits(student.model, x)
-    info = {"format": fmt, **student.describe()}
     written = _WRITERS[fmt](student, path, x, info)
     difference = float((written - expected).abs().max())
     bound = 0.0 if fmt in ("state_dict", "safetensors") else TOLERANCE * max(1.0, float(expected.abs().max()))
@@ -159,14 +176,9 @@ def export(source: str | Path, fmt: str, out: str | Path | None = None, *, last:
         path.unlink(missing_ok=True)
         raise ExportError(f"the {fmt} export of {student.checkpoint} gives logits up to {difference:.3g} away from "
                           f"the PyTorch student's (allowed: {bound:.3g}); nothing was written")
-    from distkd import __version__
-
-    info = {"distkd_version": __version__, "file": path.name, **info,
-            "check": {"inputs": f"{CHECK_BATCH} seeded N(0, 1) images", "against": "the PyTorch student in eval mode",
-                      "max_abs_difference": difference, "tolerance": bound,
-                      "rule": "exact" if bound == 0 else f"{TOLERANCE:g} * max(1, max |logit|)"}}
-    sidecar_path(path).write_text(json.dumps(info, indent=2) + "\n")
-    return info | {"path": str(path), "sidecar": str(sidecar_path(path))}
+    return {"inputs": f"{CHECK_BATCH} seeded N(0, 1) images", "against": "the PyTorch student in eval mode",
+            "max_abs_difference": difference, "tolerance": bound,
+            "rule": "exact" if bound == 0 else f"{TOLERANCE:g} * max(1, max |logit|)"}
 
 
 class _Logits(nn.Module):

@@ -1,4 +1,5 @@
-"""``distkd predict``: the top-k classes of image files, from a run, a checkpoint or an exported file.
+"""``distkd predict``: the top-k classes of image files, or a detector's boxes, from a run, a checkpoint or an
+exported file (detectors: :mod:`distkd.export_detection`).
 
 An exported file (``distkd export``) is recognised by its sidecar ``<file>.json``, which names its format, model,
 class names and preprocessing; anything else is read as a run folder or a distkd checkpoint (best-on-val
@@ -20,8 +21,18 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from distkd.data.preprocess import Preprocess
 from distkd.errors import CheckpointError, ConfigError, DataError
+from distkd.export_detection import (
+    DetectionPredictor,
+    Detector,
+    format_detections,
+    predict_detections,
+    predictor_of_export,
+    predictor_of_student,
+)
 
 BATCH = 64
+DEFAULT_TOP_K = 5
+DEFAULT_MIN_SCORE = 0.5
 
 
 @dataclass
@@ -34,15 +45,18 @@ class Predictor:
     source: str
 
 
-def load_predictor(source: str | Path) -> Predictor:
+def load_predictor(source: str | Path) -> Predictor | DetectionPredictor:
     """The model of an exported file (with its sidecar), a run folder or a distkd checkpoint."""
     path = Path(source)
     sidecar = path.with_name(path.name + ".json")
     if path.is_file() and sidecar.is_file():
-        return _exported(path, json.loads(sidecar.read_text()))
+        info = json.loads(sidecar.read_text())
+        return predictor_of_export(path, info) if _is_detection(info) else _exported(path, info)
     from distkd.export import load_student
 
     student = load_student(path)
+    if isinstance(student, Detector):
+        return predictor_of_student(student)
     model = student.model
 
     @torch.no_grad()
@@ -52,6 +66,10 @@ def load_predictor(source: str | Path) -> Predictor:
         return logits_of(model(x)).float()
 
     return Predictor(logits, student.classes, student.preprocess, str(student.checkpoint))
+
+
+def _is_detection(info: Any) -> bool:
+    return isinstance(info, dict) and info.get("task") == "detection"
 
 
 def _exported(path: Path, info: dict[str, Any]) -> Predictor:
@@ -116,13 +134,23 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def predict(source: str | Path, images: list[str | Path], top_k: int = 5) -> list[dict[str, Any]]:
-    """For each image file (folders are searched): ``{"image", "predictions": [{"class", "index", "probability"}]}``
-    with the ``top_k`` most probable classes, most probable first."""
-    if top_k < 1:
+def predict(source: str | Path, images: list[str | Path], top_k: int | None = None,
+            min_score: float | None = None) -> list[dict[str, Any]]:
+    """For each image file (folders are searched): a classifier's ``{"image", "predictions": [{"class", "index",
+    "probability"}]}`` with the ``top_k`` (default 5) most probable classes, most probable first; a detector's
+    ``{"image", "detections": [...]}`` scoring at least ``min_score`` (default 0.5; see
+    :func:`~distkd.export_detection.predict_detections`)."""
+    if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
     predictor = load_predictor(source)
     files = image_files(images)
+    if isinstance(predictor, DetectionPredictor):
+        if top_k is not None:
+            raise ConfigError("--top-k counts a classifier's classes; a detector's boxes are chosen by --min-score")
+        return predict_detections(predictor, files, DEFAULT_MIN_SCORE if min_score is None else min_score)
+    if min_score is not None:
+        raise ConfigError("--min-score chooses a detector's boxes; a classifier's classes are counted by --top-k")
+    top_k = DEFAULT_TOP_K if top_k is None else top_k
     k = min(top_k, len(predictor.classes))
     results = []
     for start in range(0, len(files), BATCH):
@@ -137,7 +165,10 @@ def predict(source: str | Path, images: list[str | Path], top_k: int = 5) -> lis
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """One line per image: its path, then ``class probability`` for each of the top classes."""
+    """One line per image: its path, then ``class probability`` for each of the top classes (a detector's: one line
+    per box)."""
+    if results and "detections" in results[0]:
+        return format_detections(results)
     width = max(len(r["image"]) for r in results)
     header = f"{'image':<{width}}  top classes (probability)"
     lines = [f"{r['image']:<{width}}  " + "  ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])

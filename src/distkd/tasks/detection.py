@@ -279,7 +279,14 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
     distiller = Distiller(student, teacher, terms, step)
     if cfg.teacher_cache.views:
         train = _cached(cfg, distiller, data, device, train)
-    return TrainSetup(distiller, train, val, test, evaluate, metric="map", ddp=False)
+    return TrainSetup(distiller, train, val, test, evaluate, metric="map", meta=metadata(data), ddp=False)
+
+
+def metadata(data: DetectionData) -> dict[str, Any]:
+    """What a checkpoint of a detector trained on ``data`` stores for deployment (export, predict): the class names
+    in label order and their COCO category ids."""
+    return {"task": "detection", "classes": list(data.train.class_names),
+            "category_ids": list(data.train.category_ids)}
 
 
 def _cached(cfg: RunConfig, distiller: Distiller, data: DetectionData, device: torch.device,
