@@ -73,6 +73,11 @@ class DetectionData:
     test: CocoDetection | None
     num_classes: int
 
+    @property
+    def classes(self) -> list[str]:
+        """The class names in label order (the training split's categories)."""
+        return self.train.class_names
+
 
 COCO_SPLITS = {"train": "train2017", "val": "val2017", "test": None}
 
@@ -285,8 +290,7 @@ def build(cfg: RunConfig, device: torch.device) -> TrainSetup:
 def metadata(data: DetectionData) -> dict[str, Any]:
     """What a checkpoint of a detector trained on ``data`` stores for deployment (export, predict): the class names
     in label order and their COCO category ids."""
-    return {"task": "detection", "classes": list(data.train.class_names),
-            "category_ids": list(data.train.category_ids)}
+    return {"task": "detection", "classes": list(data.classes), "category_ids": list(data.train.category_ids)}
 
 
 def _cached(cfg: RunConfig, distiller: Distiller, data: DetectionData, device: torch.device,
@@ -312,7 +316,8 @@ def _cached(cfg: RunConfig, distiller: Distiller, data: DetectionData, device: t
     record = {"teacher": cfg.teacher.name, "teacher_kwargs": cfg.teacher.kwargs,
               "teacher_sha256": weights_sha256(cfg.teacher.checkpoint), "data": cfg.data.name,
               "data_kwargs": cfg.data.kwargs, "data_root": cfg.data.root, "images": len(data.train),
-              "orientations": views, "min_size": list(transform.min_size), "max_size": transform.max_size,
+              "orientations": views, "batch_size": process_batches(cfg.data)[0],
+              "min_size": list(transform.min_size), "max_size": transform.max_size,
               "image_mean": list(transform.image_mean), "image_std": list(transform.image_std)}
 
     def teacher_levels(images: list[Tensor]) -> list[Tensor]:
@@ -329,7 +334,7 @@ def _cached(cfg: RunConfig, distiller: Distiller, data: DetectionData, device: t
         return levels
 
     directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
-    order = DetectionLoader(data.train, batch_size=process_batches(cfg.data)[1], shuffle=False, drop_last=False,
+    order = DetectionLoader(data.train, batch_size=process_batches(cfg.data)[0], shuffle=False, drop_last=False,
                             seed=cfg.seed, device=device)
     cache = DetectionTeacherCache.open_or_build(directory, record, teacher_levels, order)
     return CachedDetectionLoader(train, cache)
