@@ -65,3 +65,22 @@ def test_cls_logits_tap_is_called_once_per_level_with_anchor_class_channels() ->
     model.get_submodule(model.distill_taps["cls_logits"]).register_forward_hook(lambda m, i, o: calls.append(o.shape))
     model([torch.rand(3, 96, 96)])
     assert calls == [(1, 12, 12, 12), (1, 12, 6, 6), (1, 12, 3, 3), (1, 12, 2, 2)]
+
+
+@pytest.mark.parametrize("name", ["tvdet_retinanet_resnet50_fpn", "tvdet_fasterrcnn_mobilenet_v3_large_fpn"])
+def test_backbone_weights_that_cannot_be_fetched_are_a_one_line_error(name: str, monkeypatch) -> None:  # noqa: ANN001
+    import urllib.error
+
+    import torchvision.models._api as api
+
+    from distkd.errors import CheckpointError
+
+    def offline(url: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(CheckpointError) as caught:
+        create_model(name, num_classes=3, pretrained_backbone=True)
+    message = str(caught.value)
+    assert "\n" not in message and "cannot fetch torchvision's ImageNet weights" in message
+    assert "hub" in message and "model.kwargs.pretrained_backbone=false" in message

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
@@ -26,13 +27,14 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from distkd.errors import ConfigError
+from distkd.errors import CheckpointError, ConfigError, first_line
 from distkd.models import MODELS
 from distkd.models.small import BasicBlock
 
 FAMILIES = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d")
 TAPS = {"cls_logits": "head.classification_head.cls_logits", "fpn": "backbone.fpn"}
+T = TypeVar("T")
 
 
 def label_offset(model: nn.Module) -> int:
@@ -102,13 +104,27 @@ def resnet_fpn(name: str, family: str, pretrained_backbone: bool = False) -> Bac
 
         weights = get_model_weights(name).DEFAULT
     dense = family in ("retinanet", "fcos")
-    return resnet_fpn_backbone(
+    return _fetching(name, lambda: resnet_fpn_backbone(
         backbone_name=name, weights=weights,
         norm_layer=misc_ops.FrozenBatchNorm2d if pretrained_backbone else nn.BatchNorm2d,
         trainable_layers=3 if pretrained_backbone else 5,
         returned_layers=[2, 3, 4] if dense else None,
         extra_blocks=LastLevelP6P7(256, 256) if dense else None,
-    )
+    ))
+
+
+def _fetching(what: str, build: Callable[[], T]) -> T:
+    """``build()``, whose download of ImageNet backbone weights failing (offline, a damaged file) is a one-line
+    CheckpointError saying where torchvision looks for the file and how to train without it."""
+    try:
+        return build()
+    except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError
+        import torch
+
+        raise CheckpointError(f"cannot fetch torchvision's ImageNet weights for the {what} backbone (offline? "
+                              f"{type(err).__name__}: {first_line(err)}); download them where there is internet "
+                              f"into the torch hub cache ({torch.hub.get_dir()}/checkpoints), or set "
+                              "model.kwargs.pretrained_backbone=false to train from scratch") from None
 
 
 def tvdet_model(family: str, backbone: str, num_classes: int, pretrained_backbone: bool = False,
@@ -131,7 +147,8 @@ def tvdet_builder(name: str, num_classes: int, pretrained_backbone: bool = False
         key = "rpn_anchor_generator" if name.startswith("fasterrcnn") else "anchor_generator"
         kwargs[key] = _anchors(name, sizes, ratios, len(sizes) if sizes is not None else 0)
     try:
-        model = builder(weights=None, weights_backbone=weights_backbone, num_classes=classes, **kwargs)
+        model = _fetching(f"tvdet_{name}", lambda: builder(weights=None, weights_backbone=weights_backbone,
+                                                            num_classes=classes, **kwargs))
     except TypeError as err:
         raise ConfigError(f"tvdet_{name} does not accept these arguments: {err}") from None
     return _finish(model)
