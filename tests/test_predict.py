@@ -108,3 +108,6 @@ def test_a_malformed_sidecar_is_a_one_line_error(teacher_run, images, tmp_path) 
     Path(f"{path}.json").write_text(json.dumps({"format": "state_dict"}))
     with pytest.raises(CheckpointError, match="is not a distkd export sidecar"):
         predict(path, [images / "a.png"])
+    Path(f"{path}.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"s\.pt\.json is not valid JSON \(.*\); re-export with distkd export"):
+        predict(path, [images / "a.png"])

@@ -147,11 +147,11 @@ def export(source: str | Path, fmt: str, out: str | Path | None = None, *, last:
     sidecar; return the sidecar's content (``file``, ``sidecar``, ``check`` and the model's description)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}'; use one of {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        require_onnx()
     student = load_student(source, last=last, ema=ema)
     if isinstance(student, Detector):
         check_format(fmt)
+    elif fmt == "onnx":
+        require_onnx()
     path = Path(out) if out is not None else default_output(student, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"format": fmt, **student.describe()}

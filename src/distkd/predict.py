@@ -20,7 +20,7 @@ from torch import Tensor
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from distkd.data.preprocess import Preprocess
-from distkd.errors import CheckpointError, ConfigError, DataError
+from distkd.errors import CheckpointError, ConfigError, DataError, first_line
 from distkd.export_detection import (
     DetectionPredictor,
     Detector,
@@ -50,7 +50,11 @@ def load_predictor(source: str | Path) -> Predictor | DetectionPredictor:
     path = Path(source)
     sidecar = path.with_name(path.name + ".json")
     if path.is_file() and sidecar.is_file():
-        info = json.loads(sidecar.read_text())
+        try:
+            info = json.loads(sidecar.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{sidecar} is not valid JSON ({first_line(err)}); re-export with distkd "
+                                  "export") from None
         return predictor_of_export(path, info) if _is_detection(info) else _exported(path, info)
     from distkd.export import load_student
 

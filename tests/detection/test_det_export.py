@@ -149,3 +149,13 @@ def test_an_older_detection_checkpoint_gets_its_names_from_its_dataset(detector_
     assert isinstance(student, Detector) and (student.classes, student.category_ids) == (
         meta["classes"], meta["category_ids"])
 
+
+
+def test_a_malformed_detection_sidecar_is_a_one_line_error(detector_run, tmp_path: Path) -> None:  # noqa: ANN001
+    from distkd.errors import CheckpointError
+
+    cfg, scenes = detector_run
+    path = Path(export(cfg.run_dir, "safetensors", tmp_path / "d.safetensors")["path"])
+    Path(f"{path}.json").write_text(json.dumps({"task": "detection", "format": "safetensors"}))
+    with pytest.raises(CheckpointError, match="is not a distkd detection export sidecar"):
+        predict(path, [scenes / "val"])
