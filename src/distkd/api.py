@@ -24,7 +24,14 @@ from distkd.engine.trainer import Trainer, TrainSetup, seed_everything
 from distkd.errors import CheckpointError, ConfigError, DataError
 from distkd.models.weights import load_weights
 from distkd.tasks import get_task
-from distkd.tasks.common import build_model, data_workers, eval_shard, process_batches, resolve_teacher
+from distkd.tasks.common import (
+    build_model,
+    data_workers,
+    eval_shard,
+    process_batches,
+    resolve_teacher,
+    teacher_cache_dir,
+)
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
@@ -170,7 +177,7 @@ def build_teacher_cache(cfg: RunConfig) -> Path:
         task = get_task(cfg.task)
         seed_everything(cfg.seed + distributed.rank())
         task.build(cfg, device)  # builds the cache the training loader replays
-        return Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
+        return teacher_cache_dir(cfg)
     finally:
         distributed.close()
 

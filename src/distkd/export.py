@@ -128,6 +128,22 @@ def _meta_from_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     return task.metadata(task.load_dataset(cfg.data, cfg.seed))
 
 
+def model_of_state_file(path: Path, fmt: str, model: dict[str, Any], num_classes: int) -> nn.Module:
+    """The model a ``state_dict`` or ``safetensors`` export at ``path`` holds, rebuilt from its sidecar's ``model``
+    (``{"name", "kwargs"}``), in eval mode."""
+    from distkd.models import create_model
+    from distkd.models.weights import load_weights
+
+    rebuilt = create_model(model["name"], num_classes=num_classes, **model["kwargs"])
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        rebuilt.load_state_dict(load_file(str(path)))
+    else:
+        load_weights(rebuilt, path)
+    return rebuilt.eval()
+
+
 def default_output(student: Student | Detector, fmt: str) -> Path:
     """``<run folder>/export/student[_last][_ema]<extension>``."""
     folder = student.checkpoint.parent

@@ -196,26 +196,13 @@ def predictor_of_export(path: Path, info: dict[str, Any]) -> DetectionPredictor:
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}.json is not a distkd detection export sidecar (it lacks format, classes, "
                               "category_ids, label_offset or model); re-export with distkd export") from None
-    if fmt in WRITERS:
-        from distkd.models import create_model
-
-        model = create_model(model_info["name"], num_classes=len(classes), **model_info["kwargs"])
-        if fmt == "safetensors":
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(path)))
-        else:
-            from distkd.models.weights import load_weights
-
-            load_weights(model, path)
-        model.eval()
-
-        def run(image: Tensor) -> Detections:
-            return detect(model, [image])[0]
-    else:
+    if fmt not in WRITERS:
         raise CheckpointError(f"{path}.json names format {fmt!r}, which distkd predict does not read for detectors; "
                               "re-export with distkd export")
-    return DetectionPredictor(run, classes, category_ids, offset, str(path))
+    from distkd.export import model_of_state_file  # export.py imports this module
+
+    model = model_of_state_file(path, fmt, model_info, len(classes))
+    return DetectionPredictor(lambda image: detect(model, [image])[0], classes, category_ids, offset, str(path))
 
 
 def load_rgb(path: Path) -> Tensor:

@@ -103,18 +103,9 @@ def _exported(path: Path, info: dict[str, Any]) -> Predictor:
         logits = torch.no_grad()(lambda x: scripted(x).float())
     elif fmt in ("state_dict", "safetensors"):
         from distkd.distill import logits_of
-        from distkd.models import create_model
+        from distkd.export import model_of_state_file
 
-        model = create_model(info["model"]["name"], num_classes=len(classes), **info["model"]["kwargs"])
-        if fmt == "safetensors":
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(path)))
-        else:
-            from distkd.models.weights import load_weights
-
-            load_weights(model, path)
-        model.eval()
+        model = model_of_state_file(path, fmt, info["model"], len(classes))
         logits = torch.no_grad()(lambda x: logits_of(model(x)).float())
     else:
         raise CheckpointError(f"{path}.json names format {fmt!r}, which distkd predict does not read; re-export with "

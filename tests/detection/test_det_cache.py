@@ -110,34 +110,12 @@ def test_what_the_cache_cannot_replay_is_a_one_line_error(config: str, overrides
     assert "\n" not in str(err.value)
 
 
-class Killed(Exception):
-    pass
-
-
 def test_a_cached_run_killed_mid_epoch_resumes_to_the_same_weights(scenes_root: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from distkd.engine.checkpoint import load_state
-    from distkd.engine.trainer import Trainer
-
+                                                                   kill_and_resume) -> None:  # noqa: ANN001
     teacher = _initial_teacher("demo/det_dist.yaml", tmp_path / "t.pt")
     overrides = (teacher, "teacher_cache.views=2", f"teacher_cache.dir={tmp_path / 'cache'}", "train.max_steps=7",
                  "train.checkpoint_every=4", "train.eval_every=100")
-    straight = _config("demo/det_dist.yaml", scenes_root, tmp_path / "a", *overrides)
-    train(straight)
-    killed = _config("demo/det_dist.yaml", scenes_root, tmp_path / "b", *overrides)
-    step = Trainer._optimizer_step
-
-    def dies_at_step_5(self: Trainer):  # noqa: ANN202
-        if self.step == 5:
-            raise Killed
-        return step(self)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", dies_at_step_5)
-    with pytest.raises(Killed):
-        train(killed)
-    assert load_state(killed.run_dir / "checkpoints" / "last.pt")["batch"] == 1  # 3 batches an epoch: mid-epoch 2
-    monkeypatch.setattr(Trainer, "_optimizer_step", step)
-    train(killed, resume=True)
-    a = load_state(straight.run_dir / "checkpoints" / "last.pt")["model"]
-    b = load_state(killed.run_dir / "checkpoints" / "last.pt")["model"]
+    a, b, batch = kill_and_resume(_config("demo/det_dist.yaml", scenes_root, tmp_path / "a", *overrides),
+                                  _config("demo/det_dist.yaml", scenes_root, tmp_path / "b", *overrides))
+    assert batch == 1  # 3 batches an epoch: killed mid-epoch 2
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -77,33 +77,13 @@ def test_a_logits_term_on_retinanet_is_refused_naming_the_tap(scenes_root: Path,
         train(cfg)
 
 
-class Killed(Exception):
-    pass
-
-
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(scenes_root: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(scenes_root: Path, tmp_path: Path,
+                                                            kill_and_resume) -> None:  # noqa: ANN001
     """Faster R-CNN samples RoIs at random: the resumed run must restore the RNG state and the loader's order."""
-    from distkd.engine.trainer import Trainer
-
     overrides = ("train.max_steps=7", "train.checkpoint_every=4", "train.eval_every=100")
-    straight = _config("demo/det_frcnn_student.yaml", scenes_root, tmp_path / "a", *overrides)
-    train(straight)
-    killed = _config("demo/det_frcnn_student.yaml", scenes_root, tmp_path / "b", *overrides)
-    step = Trainer._optimizer_step
-
-    def dies_at_step_5(self: Trainer):  # noqa: ANN202
-        if self.step == 5:
-            raise Killed
-        return step(self)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", dies_at_step_5)
-    with pytest.raises(Killed):
-        train(killed)
-    assert load_state(killed.run_dir / "checkpoints" / "last.pt")["batch"] == 4
-    monkeypatch.setattr(Trainer, "_optimizer_step", step)
-    train(killed, resume=True)
-    a = load_state(straight.run_dir / "checkpoints" / "last.pt")["model"]
-    b = load_state(killed.run_dir / "checkpoints" / "last.pt")["model"]
+    a, b, batch = kill_and_resume(_config("demo/det_frcnn_student.yaml", scenes_root, tmp_path / "a", *overrides),
+                                  _config("demo/det_frcnn_student.yaml", scenes_root, tmp_path / "b", *overrides))
+    assert batch == 4
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

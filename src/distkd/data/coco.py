@@ -58,29 +58,25 @@ def _checked(gt: dict[str, Any], path: Path) -> dict[str, Any]:
             if absent:
                 raise DataError(f"COCO annotations {path}: {kind}[{position}] "
                                 f"{'lacks ' + ', '.join(absent) if isinstance(entry, dict) else 'is not an object'}")
-    checked = {key: value for key, value in gt.items() if key not in REQUIRED}
-    checked["images"] = [im | {"id": _integer(im["id"], f"images[{i}].id", path)} for i, im in enumerate(gt["images"])]
-    checked["categories"] = [c | {"id": _integer(c["id"], f"categories[{i}].id", path)}
-                             for i, c in enumerate(gt["categories"])]
     for kind in ("images", "categories"):
-        ids = [entry["id"] for entry in checked[kind]]
+        ids = [_integer(entry["id"], f"{kind}[{i}].id", path) for i, entry in enumerate(gt[kind])]
         if len(set(ids)) != len(ids):
             twice = next(i for i in ids if ids.count(i) > 1)
             raise DataError(f"COCO annotations {path}: {kind} id {twice} is listed more than once; ids must be unique")
-    checked["annotations"] = []
     for i, ann in enumerate(gt["annotations"]):
         bbox = ann["bbox"]
         if (not isinstance(bbox, list) or len(bbox) != 4
                 or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)):
             raise DataError(f"COCO annotations {path}: annotations[{i}] (id {ann.get('id')}) has bbox {bbox!r}; "
                             "expected [x, y, width, height], 4 finite numbers")
-        checked["annotations"].append({"iscrowd": 0, "area": float(bbox[2] * bbox[3])} | ann | {
-            "image_id": _integer(ann["image_id"], f"annotations[{i}].image_id", path),
-            "category_id": _integer(ann["category_id"], f"annotations[{i}].category_id", path)})
-    return checked
+        _integer(ann["image_id"], f"annotations[{i}].image_id", path)
+        _integer(ann["category_id"], f"annotations[{i}].category_id", path)
+    annotations = [{"iscrowd": 0, "area": float(ann["bbox"][2] * ann["bbox"][3])} | ann for ann in gt["annotations"]]
+    return gt | {"annotations": annotations}
 
 
 def _integer(value: Any, where: str, path: Path) -> int:
+    """``value``, which must be an integer id; else a one-line DataError naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"COCO annotations {path}: {where} is {value!r}; COCO ids are integers")
     return value

@@ -34,6 +34,7 @@ from distkd.tasks.common import (
     data_workers,
     eval_shard,
     process_batches,
+    teacher_cache_dir,
 )
 
 DATASETS: Registry[object] = Registry("classification dataset")
@@ -183,7 +184,7 @@ def _cached(cfg: RunConfig, distiller: Distiller, train: Loader, device: torch.d
     if any(t.teacher != "logits" for t in cfg.loss.distill):
         raise ConfigError("teacher_cache stores logits only; every loss.distill term needs teacher: logits")
     teacher_fn = _teacher_fn(cfg, distiller, device)
-    directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
+    directory = teacher_cache_dir(cfg)
     record = {
         "teacher": cfg.teacher.name, "teacher_kwargs": cfg.teacher.kwargs,
         "teacher_sha256": weights_sha256(cfg.teacher.checkpoint), "dataset": cfg.data.name, "amp": cfg.train.amp,

@@ -55,6 +55,11 @@ def build_model(cfg: ModelConfig, num_classes: int, role: str) -> nn.Module:
     return model
 
 
+def teacher_cache_dir(cfg: RunConfig) -> Path:
+    """Where ``cfg``'s teacher-output cache lives: ``teacher_cache.dir``, else ``<run_dir>/teacher_cache``."""
+    return Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
+
+
 def resolve_teacher(cfg: RunConfig) -> RunConfig:
     """``cfg`` with ``teacher.name`` (and, when not given, ``teacher.kwargs``) filled in from ``teacher.checkpoint``
     when the config leaves the name out: a distkd checkpoint records the model of its run."""

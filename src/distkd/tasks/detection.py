@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +58,7 @@ from distkd.tasks.common import (
     check_data_options,
     data_workers,
     process_batches,
+    teacher_cache_dir,
 )
 
 DATASETS: Registry[object] = Registry("detection dataset")
@@ -312,11 +312,11 @@ def _cached(cfg: RunConfig, distiller: Distiller, data: DetectionData, device: t
         raise ConfigError("the detection teacher cache is built in one process; run without torchrun or set "
                           "teacher_cache.views=0")
     distiller.to(device)  # the teacher runs here, before the trainer moves the rest
-    transform = distiller.student.transform
+    transform, batch_size = distiller.student.transform, process_batches(cfg.data)[0]
     record = {"teacher": cfg.teacher.name, "teacher_kwargs": cfg.teacher.kwargs,
               "teacher_sha256": weights_sha256(cfg.teacher.checkpoint), "data": cfg.data.name,
               "data_kwargs": cfg.data.kwargs, "data_root": cfg.data.root, "images": len(data.train),
-              "orientations": views, "batch_size": process_batches(cfg.data)[0],
+              "orientations": views, "batch_size": batch_size,
               "min_size": list(transform.min_size), "max_size": transform.max_size,
               "image_mean": list(transform.image_mean), "image_std": list(transform.image_std)}
 
@@ -333,9 +333,9 @@ def _cached(cfg: RunConfig, distiller: Distiller, data: DetectionData, device: t
         distiller.teacher_taps.clear()
         return levels
 
-    directory = Path(cfg.teacher_cache.dir) if cfg.teacher_cache.dir else cfg.run_dir / "teacher_cache"
-    order = DetectionLoader(data.train, batch_size=process_batches(cfg.data)[0], shuffle=False, drop_last=False,
-                            seed=cfg.seed, device=device)
+    directory = teacher_cache_dir(cfg)
+    order = DetectionLoader(data.train, batch_size=batch_size, shuffle=False, drop_last=False, seed=cfg.seed,
+                            device=device)
     cache = DetectionTeacherCache.open_or_build(directory, record, teacher_levels, order)
     return CachedDetectionLoader(train, cache)
 
